@@ -1,0 +1,133 @@
+"""Image encoder (a SigLIP/CLIP-style ViT, held frozen) and the trainable projector.
+
+Axes: B images, P patches, E encoder width, M encoder MLP width, D LM width.
+The encoder keeps the biases and LayerNorms of the public ViTs so their weights import as is.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from stepaudio_jax.models.scan import Remat, run_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Encoder shape; defaults are a ViT-L/14 at 224 px (256 patches per image)."""
+
+  enabled: bool = False
+  image_size: int = 224
+  patch_size: int = 14
+  channels: int = 3
+  hidden_size: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  intermediate_size: int = 4096
+  layer_norm_eps: float = 1e-6
+  max_images_per_sequence: int = 1
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(
+          f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+      )
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+      )
+
+  @property
+  def tokens_per_image(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+def _dense(rngs, din, dout, axes):
+  w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (din, dout)), axes=axes)
+  b = nnx.Param(jnp.zeros((dout,)), axes=(axes[1],))
+  return w, b
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,)), axes=("norm",))
+    self.bias = nnx.Param(jnp.zeros((dim,)), axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class EncoderLayer(nnx.Module):
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    self.num_heads = cfg.num_heads
+    self.norm1 = LayerNorm(e, cfg.layer_norm_eps)
+    self.wq, self.bq = _dense(rngs, e, e, ("vision_embed", "vision_heads"))
+    self.wk, self.bk = _dense(rngs, e, e, ("vision_embed", "vision_heads"))
+    self.wv, self.bv = _dense(rngs, e, e, ("vision_embed", "vision_heads"))
+    self.wo, self.bo = _dense(rngs, e, e, ("vision_heads", "vision_embed"))
+    self.norm2 = LayerNorm(e, cfg.layer_norm_eps)
+    self.w1, self.b1 = _dense(rngs, e, m, ("vision_embed", "vision_mlp"))
+    self.w2, self.b2 = _dense(rngs, m, e, ("vision_mlp", "vision_embed"))
+
+  def __call__(self, x_BPE: Float[Array, "B P E"]) -> Float[Array, "B P E"]:
+    b, p, e = x_BPE.shape
+    n = self.num_heads
+    h = self.norm1(x_BPE)
+    q, k, v = (
+        (h @ w[...] + bias[...]).reshape(b, p, n, e // n)
+        for w, bias in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv))
+    )
+    ctx = jax.nn.dot_product_attention(q, k, v).reshape(b, p, e)
+    x_BPE = x_BPE + ctx @ self.wo[...] + self.bo[...]
+    h = self.norm2(x_BPE)
+    h = jax.nn.gelu(h @ self.w1[...] + self.b1[...], approximate=True)
+    return x_BPE + h @ self.w2[...] + self.b2[...]
+
+
+class VisionEncoder(nnx.Module):
+  """Pixels [B, S, S, C] in [-1, 1] -> patch features [B, P, E]."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    patch_dim = cfg.patch_size * cfg.patch_size * cfg.channels
+    self.patch_w, self.patch_b = _dense(rngs, patch_dim, cfg.hidden_size, ("patch", "vision_embed"))
+    self.pos_embed = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (cfg.tokens_per_image, cfg.hidden_size)),
+        axes=(None, "vision_embed"),
+    )
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return EncoderLayer(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.post_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+  def __call__(self, pixels: Float[Array, "B S S C"]) -> Float[Array, "B P E"]:
+    cfg = self.cfg
+    b, s = pixels.shape[0], cfg.image_size
+    g, ps = s // cfg.patch_size, cfg.patch_size
+    patches = pixels.reshape(b, g, ps, g, ps, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, g * g, ps * ps * cfg.channels).astype(jnp.float32)
+    x = patches @ self.patch_w[...] + self.patch_b[...] + self.pos_embed[...]
+    x = run_layers(self.layers, x, num_layers=cfg.num_layers, remat=Remat.NONE, scan=True)
+    return self.post_norm(x)
+
+
+class Projector(nnx.Module):
+  """Trainable two-layer MLP from encoder features to the LM's embedding space."""
+
+  def __init__(self, encoder_width: int, lm_width: int, *, rngs: nnx.Rngs):
+    self.w1, self.b1 = _dense(rngs, encoder_width, lm_width, ("vision_embed", "embed"))
+    self.w2, self.b2 = _dense(rngs, lm_width, lm_width, ("embed", None))
+
+  def __call__(self, x: Float[Array, "B P E"]) -> Float[Array, "B P D"]:
+    h = jax.nn.gelu(x @ self.w1[...] + self.b1[...], approximate=True)
+    return h @ self.w2[...] + self.b2[...]

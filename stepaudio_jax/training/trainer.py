@@ -1,0 +1,218 @@
+"""The training loop: mesh, state, resume, jitted step, eval, checkpoints, progress.
+
+Resume order: the newest complete checkpoint in RUN_DIR/checkpoints restores the step, the
+parameters, the optimizer state, the RNG and the data iterator state onto the current mesh;
+without one the state is initialised from the seed (and from checkpoint.init_from, whose
+vocabulary is expanded if it is a text-only model). A checkpoint that exists but cannot be read
+stops the run: it never falls back to step 0.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+
+import jax
+import numpy as np
+
+from stepaudio_jax.data.synthetic import SyntheticSource
+from stepaudio_jax.models.omni import expand_vocabulary
+from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
+from stepaudio_jax.training import flops as flops_lib
+from stepaudio_jax.training import loss as loss_lib
+from stepaudio_jax.training import train_step as ts
+from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError, restore_params
+from stepaudio_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from stepaudio_jax.training.progress import Progress
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLIT, EVAL_SPLIT = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  run_dir: str = "runs/default"
+  steps: int = 1000
+  batch_size: int = 8  # global, in sequences
+  seq_len: int = 1024
+  grad_accum_steps: int = 1  # the batch is split into this many microbatches
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0 = no periodic eval
+  eval_batches: int = 2
+  peak_flops_per_device: float = 0.0  # for MFU; 0 = known accelerator table or measured
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(
+          f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
+          f"{self.grad_accum_steps}"
+      )
+
+
+# bf16 dense matmul peaks, FLOP/s per device.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def device_peak_flops(cfg: TrainConfig) -> float:
+  if cfg.peak_flops_per_device:
+    return cfg.peak_flops_per_device
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak
+  # CPU (emulated devices share the host): the host's measured peak split evenly.
+  return flops_lib.measure_matmul_peak(1024) / jax.local_device_count()
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.set = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread; the caller handles signals
+      pass
+
+  def _handle(self, *_):
+    self.set = True
+
+
+def load_batch(source: SyntheticSource, split: int, step: int, global_batch: int, shardings):
+  """This process's rows of the global batch, assembled into global arrays."""
+  per_process = global_batch // jax.process_count()
+  start = jax.process_index() * per_process
+  local = source.batch(split, step, range(start, start + per_process))
+  return jax.tree.map(jax.make_array_from_process_local_data, shardings, local)
+
+
+def _init_from(cfg, state: ts.TrainState, shardings: ts.TrainState) -> ts.TrainState:
+  loaded = {"lm": restore_params(cfg.checkpoint.init_from)["lm"]}
+  old_vocab = loaded["lm"]["embed"].shape[0]
+  if old_vocab != cfg.model.vocab_size:
+    loaded = expand_vocabulary(loaded, cfg.model.vocab_size, jax.random.key(cfg.train.seed + 7))
+    log.warning("expanded vocabulary of %s from %d to %d", cfg.checkpoint.init_from, old_vocab,
+                cfg.model.vocab_size)
+  want = jax.tree.map(lambda x: x.shape, state.params["lm"])
+  got = jax.tree.map(lambda x: x.shape, loaded["lm"])
+  if want != got:
+    raise CheckpointError(
+        f"checkpoint.init_from={cfg.checkpoint.init_from!r} has LM shapes {got} but the model "
+        f"config needs {want}; use a model config that matches it"
+    )
+  lm = jax.device_put(loaded["lm"], shardings.params["lm"])
+  return state.replace(params={**state.params, "lm": lm})
+
+
+def train(cfg, print_fn=print) -> list[dict]:
+  """Run training per `cfg` (a RunConfig); returns the fetched per-step metrics."""
+  tc = cfg.train
+  mesh = make_mesh(cfg.mesh)
+  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
+  lead = jax.process_index() == 0
+  tx = make_optimizer(cfg.optimizer, tc.steps)
+  spec = ts.model_spec(cfg, shard)
+  init = functools.partial(ts.init_state, cfg, tx, shard, tc.seed)
+  abstract = jax.eval_shape(init)
+  shardings = ts.state_shardings(spec, shard, abstract)
+
+  source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed)
+  batch_shapes = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
+  batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:],
+                                                             x.dtype), batch_shapes)
+  batch_sh = ts.batch_shardings(shard, batch_shapes)
+  for name, s in batch_shapes.items():
+    shard.check_divides(f"batch field {name!r} (train.batch_size={tc.batch_size})", s.shape,
+                        ts.BATCH_AXES[: len(s.shape)])
+
+  ckpt = Checkpointer(tc.run_dir, cfg.checkpoint)
+  latest = ckpt.latest_step()
+  if latest is not None and not cfg.checkpoint.resume:
+    raise CheckpointError(
+        f"{ckpt.directory} already holds checkpoints (newest step {latest}) and "
+        "checkpoint.resume=false; choose a new train.run_dir so nothing is overwritten"
+    )
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state, data_state = ckpt.restore(latest, target)
+    if lead:
+      print_fn(f"resumed from {ckpt.directory} at step {latest}", flush=True)
+  else:
+    with mesh:
+      state = jax.jit(init, out_shardings=shardings)()
+    if cfg.checkpoint.init_from:
+      state = _init_from(cfg, state, shardings)
+    data_state = {"step": 0}
+    if lead:
+      print_fn(f"no checkpoint in {ckpt.directory}: starting at step 0", flush=True)
+  start = int(jax.device_get(state.step))
+  if data_state["step"] != start:
+    raise CheckpointError(
+        f"checkpoint step {start} carries data iterator state for step {data_state['step']}"
+    )
+
+  step_fn = jax.jit(
+      functools.partial(ts.train_step, spec=spec, tx=tx,
+                        lr_schedule=learning_rate_schedule(cfg.optimizer, tc.steps),
+                        grad_accum_steps=tc.grad_accum_steps, shard=shard),
+      in_shardings=(shardings, batch_sh),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+  )
+  eval_fn = jax.jit(functools.partial(ts.eval_step, spec=spec),
+                    in_shardings=(shardings, batch_sh))
+
+  tokens_per_step = tc.batch_size * tc.seq_len
+  peak = device_peak_flops(tc) * jax.device_count()
+  progress = Progress(os.path.join(tc.run_dir, "tensorboard"), tc.steps,
+                      flops_lib.train_step_flops(cfg, tc.batch_size), peak, lead, print_fn)
+  stop = _StopFlag()
+  history: list[dict] = []
+  pending = None
+
+  def fetch(pending):
+    done_step, metrics = pending
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"loss became {metrics['loss']} at step {done_step}; stopping")
+    history.append({"step": done_step, **metrics})
+    if done_step % tc.log_every == 0 or done_step == tc.steps:
+      progress.log_train(done_step, metrics, tokens_per_step)
+
+  progress.start(start)
+  step = start
+  with mesh:
+    while step < tc.steps and not stop.set:
+      batch = load_batch(source, TRAIN_SPLIT, step, tc.batch_size, batch_sh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      if pending is not None:
+        fetch(pending)
+      pending = (step, metrics)
+      ckpt.save(step, state, {"step": step})
+      if tc.eval_every and step % tc.eval_every == 0:
+        sums = None
+        for i in range(tc.eval_batches):
+          out = eval_fn(state, load_batch(source, EVAL_SPLIT, i, tc.batch_size, batch_sh))
+          sums = out if sums is None else jax.tree.map(np.add, sums, out)
+        progress.log_eval(step, {k: float(v) for k, v in loss_lib.finalize(sums).items()})
+    if pending is not None:
+      fetch(pending)
+    if ckpt.manager.latest_step() != step:
+      ckpt.save(step, state, {"step": step}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  progress.close()
+  if stop.set and lead:
+    print_fn(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting", flush=True)
+  return history
