@@ -22,7 +22,7 @@ def apply_rope(
   """Rotate-half RoPE (the Llama/transformers convention, so exports match)."""
   half = x.shape[-1] // 2
   freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+  angles = positions[..., None].astype(jnp.float32) * freqs[None, None, :]  # [B, T, H/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)

@@ -97,7 +97,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * self.scale[...].astype(jnp.float32)[None, None, :]).astype(x.dtype)
 
 
 class Block(nnx.Module):

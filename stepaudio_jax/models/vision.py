@@ -44,6 +44,11 @@ class VisionConfig:
     return (self.image_size // self.patch_size) ** 2
 
 
+def _row(v: nnx.Param) -> jax.Array:
+  """A [X] vector as [1, 1, X], for explicit broadcasting over [B, P, X]."""
+  return v[...][None, None, :]
+
+
 def _dense(rngs, din, dout, axes):
   w = nnx.Param(0.02 * jax.random.normal(rngs.params(), (din, dout)), axes=axes)
   b = nnx.Param(jnp.zeros((dout,)), axes=(axes[1],))
@@ -59,7 +64,7 @@ class LayerNorm(nnx.Module):
   def __call__(self, x):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * _row(self.scale) + _row(self.bias)
 
 
 class EncoderLayer(nnx.Module):
@@ -80,14 +85,14 @@ class EncoderLayer(nnx.Module):
     n = self.num_heads
     h = self.norm1(x_BPE)
     q, k, v = (
-        (h @ w[...] + bias[...]).reshape(b, p, n, e // n)
+        (h @ w[...] + _row(bias)).reshape(b, p, n, e // n)
         for w, bias in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv))
     )
     ctx = jax.nn.dot_product_attention(q, k, v).reshape(b, p, e)
-    x_BPE = x_BPE + ctx @ self.wo[...] + self.bo[...]
+    x_BPE = x_BPE + ctx @ self.wo[...] + _row(self.bo)
     h = self.norm2(x_BPE)
-    h = jax.nn.gelu(h @ self.w1[...] + self.b1[...], approximate=True)
-    return x_BPE + h @ self.w2[...] + self.b2[...]
+    h = jax.nn.gelu(h @ self.w1[...] + _row(self.b1), approximate=True)
+    return x_BPE + h @ self.w2[...] + _row(self.b2)
 
 
 class VisionEncoder(nnx.Module):
@@ -116,7 +121,7 @@ class VisionEncoder(nnx.Module):
     g, ps = s // cfg.patch_size, cfg.patch_size
     patches = pixels.reshape(b, g, ps, g, ps, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, g * g, ps * ps * cfg.channels).astype(jnp.float32)
-    x = patches @ self.patch_w[...] + self.patch_b[...] + self.pos_embed[...]
+    x = patches @ self.patch_w[...] + _row(self.patch_b) + self.pos_embed[...][None]
     x = run_layers(self.layers, x, num_layers=cfg.num_layers, remat=Remat.NONE, scan=True)
     return self.post_norm(x)
 
@@ -129,5 +134,5 @@ class Projector(nnx.Module):
     self.w2, self.b2 = _dense(rngs, lm_width, lm_width, ("embed", None))
 
   def __call__(self, x: Float[Array, "B P E"]) -> Float[Array, "B P D"]:
-    h = jax.nn.gelu(x @ self.w1[...] + self.b1[...], approximate=True)
-    return h @ self.w2[...] + self.b2[...]
+    h = jax.nn.gelu(x @ self.w1[...] + _row(self.b1), approximate=True)
+    return h @ self.w2[...] + _row(self.b2)

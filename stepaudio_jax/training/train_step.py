@@ -52,7 +52,7 @@ def _axes_tree(state: nnx.State) -> dict:
   flat = {}
   for path, var in nnx.to_flat_state(state):
     axes = tuple(var.get_metadata().get("axes") or ())
-    ndim = len(var.value.shape) if hasattr(var, "value") else len(var.shape)
+    ndim = len(var.shape)
     if ndim == len(axes) + 1:
       axes = ("layers",) + axes
     if ndim != len(axes):
@@ -123,7 +123,7 @@ def init_state(cfg, tx: optax.GradientTransformation, shard: LogicalSharding | N
   """Fresh state, built as a function of the seed so it can run under jit with out_shardings."""
   model = build_model(cfg, shard, seed)
   _, frozen, params = nnx.split(model, FROZEN, TRAINABLE)
-  params, frozen = params.to_pure_dict(), frozen.to_pure_dict()
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -191,9 +191,9 @@ def train_step(
   params = optax.apply_updates(state.params, updates)
   metrics = loss_lib.finalize(sums)
   metrics.update(
-      grad_norm=optax.global_norm(grads),
-      update_norm=optax.global_norm(updates),
-      param_norm=optax.global_norm(params),
+      grad_norm=optax.tree.norm(grads),
+      update_norm=optax.tree.norm(updates),
+      param_norm=optax.tree.norm(params),
       learning_rate=jnp.asarray(lr_schedule(state.step), jnp.float32),
   )
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

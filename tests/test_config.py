@@ -1,0 +1,100 @@
+"""Config files, inheritance, overrides and errors that name the key and the file."""
+
+import os
+
+import pytest
+
+from stepaudio_jax.config import ConfigError, dump_config, load_config
+
+
+def _write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_public_model_configs_carry_the_published_numbers():
+  big = load_config("configs/model/step1-130b.yaml").model
+  assert (big.hidden_size, big.num_layers, big.num_heads, big.num_kv_heads, big.head_dim,
+          big.intermediate_size, big.vocab_size, big.max_seq_len, big.rms_norm_eps) == (
+              12288, 88, 96, 8, 128, 31232, 74752, 32768, 1e-5)
+  tts = load_config("configs/model/step-audio-tts-3b.yaml").model
+  assert (tts.hidden_size, tts.num_layers, tts.num_heads, tts.num_kv_heads, tts.head_dim,
+          tts.intermediate_size, tts.vocab_size, tts.max_seq_len, tts.rms_norm_eps) == (
+              3072, 32, 48, 4, 64, 8192, 74752, 32768, 1e-5)
+  tokens = load_config("configs/model/step1-130b.yaml").tokens
+  assert (tokens.linguistic_offset, tokens.semantic_offset, tokens.audio_tokens) == (
+      65536, 65536 + 1024, 5120)
+
+
+def test_inheritance_and_overrides(tmp_path):
+  base = _write(tmp_path, "base.yaml", "model:\n  num_layers: 3\n  hidden_size: 64\n")
+  child = _write(tmp_path, "child.yaml", "base: base.yaml\nmodel:\n  num_layers: 5\n")
+  cfg = load_config(child, ["train.steps=7", "model.remat=save_dots"])
+  assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps) == (5, 64, 7)
+  assert cfg.model.remat.value == "save_dots"
+  assert base
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+  path = _write(tmp_path, "bad.yaml", "base: " + os.path.abspath("configs/tiny.yaml")
+                + "\nmodel:\n  num_layer: 3\n")
+  with pytest.raises(ConfigError, match=r"bad.yaml.*num_layer.*model.num_layer"):
+    load_config(path)
+
+
+def test_wrong_type_names_key(tmp_path):
+  with pytest.raises(ConfigError, match=r"command line.*train.steps"):
+    load_config("configs/tiny.yaml", ["train.steps=many"])
+
+
+def test_impossible_value_names_keys_and_sources():
+  with pytest.raises(ConfigError) as e:
+    load_config("configs/tiny.yaml", ["model.num_kv_heads=3"])
+  msg = str(e.value)
+  assert "num_heads=4 is not divisible by num_kv_heads=3" in msg
+  assert "model.num_kv_heads set in command line" in msg
+  assert "model.num_heads set in configs/tiny.yaml" in msg
+
+
+def test_mesh_must_divide_devices():
+  with pytest.raises(ConfigError, match=r"mesh.*needs 12 devices but 8"):
+    load_config("configs/tiny.yaml", ["mesh.data=3", "mesh.fsdp=4"], num_devices=8)
+  with pytest.raises(ConfigError, match=r"mesh.fsdp=-1 cannot fill 8 devices"):
+    load_config("configs/tiny.yaml", ["mesh.data=3"], num_devices=8)
+
+
+def test_cross_section_checks():
+  with pytest.raises(ConfigError, match="model.vocab_size=400 is below"):
+    load_config("configs/tiny.yaml", ["model.vocab_size=400"])
+  with pytest.raises(ConfigError, match="train.seq_len=1024 exceeds model.max_seq_len=512"):
+    load_config("configs/tiny.yaml", ["train.seq_len=1024"])
+
+
+def test_missing_file_and_bad_override():
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_config("configs/nope.yaml")
+  with pytest.raises(ConfigError, match="section.key=value"):
+    load_config("configs/tiny.yaml", ["train.steps"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+  path = _write(tmp_path, "evil.yaml", "train: !!python/object/apply:os.system ['echo hi']\n")
+  with pytest.raises(ConfigError, match="not valid YAML"):
+    load_config(path)
+
+
+def test_circular_base(tmp_path):
+  _write(tmp_path, "a.yaml", "base: b.yaml\n")
+  _write(tmp_path, "b.yaml", "base: a.yaml\n")
+  with pytest.raises(ConfigError, match="circular"):
+    load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/demo.yaml",
+                                  "configs/model/step1-130b.yaml"])
+def test_dump_roundtrip(tmp_path, path):
+  cfg = load_config(path)
+  out = str(tmp_path / "resolved.yaml")
+  dump_config(cfg, out)
+  assert load_config(out) == cfg
