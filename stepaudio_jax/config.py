@@ -45,11 +45,15 @@ class RunConfig:
   synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
   def __post_init__(self):
-    if self.model.vocab_size < self.tokens.min_vocab_size:
+    needed = self.tokens.min_vocab_size(self.vision.enabled)
+    if self.model.vocab_size < needed:
       raise ValueError(
-          f"model.vocab_size={self.model.vocab_size} is below the {self.tokens.min_vocab_size} "
-          "ids the token layout needs (tokens.text_vocab_size + audio codes + 1)"
+          f"model.vocab_size={self.model.vocab_size} is below the {needed} ids the token layout "
+          "needs (tokens.text_vocab_size + audio codes, + 1 image placeholder with vision)"
       )
+    if self.synthetic.audio_weight and not (self.tokens.linguistic_codes
+                                            and self.tokens.semantic_codes):
+      raise ValueError("synthetic.audio_weight must be 0 for a model without audio codes")
     if self.train.seq_len > self.model.max_seq_len:
       raise ValueError(
           f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"

@@ -31,10 +31,10 @@ class StepOmni(nnx.Module):
       *,
       rngs: nnx.Rngs,
   ):
-    if cfg.vocab_size < tokens.min_vocab_size:
+    if cfg.vocab_size < tokens.min_vocab_size(vision.enabled):
       raise ValueError(
           f"model.vocab_size={cfg.vocab_size} is smaller than the token layout needs "
-          f"({tokens.min_vocab_size}: text + audio codes + image placeholder)"
+          f"({tokens.min_vocab_size(vision.enabled)}: text + audio codes + image placeholder)"
       )
     self.tokens, self.vision_cfg = tokens, vision
     self.lm = Step1(cfg, shard, rngs=rngs)

@@ -32,9 +32,10 @@ class TokenLayout:
   bot_id: int = 4  # <|BOT|>
 
   def __post_init__(self):
-    for name in ("text_vocab_size", "linguistic_codes", "semantic_codes"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.text_vocab_size <= 0:
+      raise ValueError(f"text_vocab_size must be positive, got {self.text_vocab_size}")
+    if self.linguistic_codes < 0 or self.semantic_codes < 0:
+      raise ValueError("linguistic_codes and semantic_codes must be >= 0 (0 for a text-only model)")
     if max(self.bos_id, self.eos_id, self.pad_id, self.bot_id) >= self.text_vocab_size:
       raise ValueError("special token ids must lie inside the text vocabulary")
 
@@ -55,6 +56,6 @@ class TokenLayout:
     """First reserved id after the audio block; marks where image features go."""
     return self.semantic_offset + self.semantic_codes
 
-  @property
-  def min_vocab_size(self) -> int:
-    return self.image_placeholder_id + 1
+  def min_vocab_size(self, with_images: bool) -> int:
+    """Ids the model must be able to emit: text, audio codes and, with images, the placeholder."""
+    return self.image_placeholder_id + int(with_images)

@@ -12,6 +12,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class CheckpointConfig:
   keep: int = 3  # newest K complete checkpoints are kept
   async_save: bool = True  # training continues while a save is written
   resume: bool = True  # resume from the newest checkpoint in the run directory
-  init_from: str = ""  # a checkpoint directory (text-only model) to start step 0 from
+  init_from: str = ""  # run directory of a (text-only) model whose params start step 0
 
   def __post_init__(self):
     if self.every <= 0 or self.keep <= 0:
@@ -49,7 +50,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
-            save_interval_steps=cfg.every,
+            # Exactly every N steps: Orbax's default policy also saves the first step of a run.
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(cfg.every),
             enable_async_checkpointing=cfg.async_save,
             create=True,
         ),
@@ -102,23 +104,37 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory: str, abstract_params_like=None) -> dict:
-  """Read only the trainable parameters of a checkpoint (for init_from), as host arrays."""
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")))
-  step = manager.latest_step()
-  if step is None:
-    raise CheckpointError(f"checkpoint.init_from={directory!r} holds no complete checkpoint")
-  meta = manager.item_metadata(step)
-  tree = meta["state"] if "state" in meta else meta
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree)["params"])
-  restored = manager.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": target},
-          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=jax.numpy.ndarray),
-                                    {"params": target}),
-          partial_restore=True,
-      )),
+def restore_params(run_dir: str) -> dict:
+  """The trainable parameters of a run directory's newest checkpoint, as host arrays.
+
+  Reads only `params` (not the optimizer state), so init_from works for any model shape; the
+  caller checks the shapes against its own model.
+  """
+  directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint.init_from={run_dir!r} has no {directory}")
+  manager = ocp.CheckpointManager(
+      directory,
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=False),
   )
-  manager.close()
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"checkpoint.init_from={run_dir!r} holds no complete checkpoint")
+    try:
+      params = manager.item_metadata(step)["state"].tree["params"]
+      target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params)}
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+          partial_restore=True,
+      )))
+    except Exception as e:  # as in Checkpointer.restore: many error types for unreadable files
+      raise CheckpointError(
+          f"checkpoint.init_from={run_dir!r}: step {step} in {directory} cannot be read "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+      ) from e
+  finally:
+    manager.close()
   return restored["state"]["params"]

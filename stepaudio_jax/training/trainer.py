@@ -74,14 +74,22 @@ def device_peak_flops(cfg: TrainConfig) -> float:
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+  """Set by SIGTERM (preemption): the loop saves a checkpoint and exits cleanly.
 
-  def __init__(self):
-    self.set = False
+  A context manager, so the caller's own SIGTERM handler is back once training returns or fails.
+  """
+
+  def __enter__(self):
+    self.set, self._previous = False, None
     try:
-      signal.signal(signal.SIGTERM, self._handle)
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread; the caller handles signals
       pass
+    return self
+
+  def __exit__(self, *_):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, *_):
     self.set = True
@@ -148,7 +156,7 @@ def train(cfg, print_fn=print) -> list[dict]:
     if lead:
       print_fn(f"resumed from {ckpt.directory} at step {latest}", flush=True)
   else:
-    with mesh:
+    with jax.set_mesh(mesh):
       state = jax.jit(init, out_shardings=shardings)()
     if cfg.checkpoint.init_from:
       state = _init_from(cfg, state, shardings)
@@ -176,7 +184,6 @@ def train(cfg, print_fn=print) -> list[dict]:
   peak = device_peak_flops(tc) * jax.device_count()
   progress = Progress(os.path.join(tc.run_dir, "tensorboard"), tc.steps,
                       flops_lib.train_step_flops(cfg, tc.batch_size), peak, lead, print_fn)
-  stop = _StopFlag()
   history: list[dict] = []
   pending = None
 
@@ -191,7 +198,7 @@ def train(cfg, print_fn=print) -> list[dict]:
 
   progress.start(start)
   step = start
-  with mesh:
+  with jax.set_mesh(mesh), _StopFlag() as stop:
     while step < tc.steps and not stop.set:
       batch = load_batch(source, TRAIN_SPLIT, step, tc.batch_size, batch_sh)
       state, metrics = step_fn(state, batch)
@@ -210,7 +217,7 @@ def train(cfg, print_fn=print) -> list[dict]:
       fetch(pending)
     if ckpt.manager.latest_step() != step:
       ckpt.save(step, state, {"step": step}, force=True)
-  ckpt.wait()
+    ckpt.wait()  # still under the handler: a second SIGTERM does not cut the save short
   ckpt.close()
   progress.close()
   if stop.set and lead:
