@@ -143,7 +143,7 @@ class Block(nnx.Module):
       bias = "alibi_sqrt"
     ctx_BTNH = kernels.attention(
         q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids, positions=positions, bias=bias,
-        causal=True, implementation=cfg.attention.value,
+        causal=True, implementation=cfg.attention.value, shard=self.shard,
     )
     ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", ctx_BTNH, self.wo[...].astype(cd))

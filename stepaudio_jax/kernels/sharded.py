@@ -1,0 +1,49 @@
+"""Run a per-device attention kernel inside the model's sharding: shard_map over batch and heads.
+
+pallas_call cannot be partitioned by XLA, so each device runs the kernel on its own batch rows
+and heads. Contiguous GQA groups survive head sharding when query and kv heads are split the
+same number of ways: device d holds query heads d*N/D.. and kv heads d*K/D.., and h // G still
+maps one onto the other. The slopes are an input sharded like the heads for the same reason.
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from stepaudio_jax.parallel.mesh import LogicalSharding
+
+
+def _ways(shard: LogicalSharding, entry) -> int:
+  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  return math.prod(shard.mesh.shape[a] for a in names)
+
+
+def over_batch_and_heads(
+    kernel: Callable,
+    shard: LogicalSharding,
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B T K H"],
+    v: Float[Array, "B T K H"],
+    slopes: Float[Array, "N"],
+    segment_ids: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+) -> Float[Array, "B T N H"]:
+  """kernel(q, k, v, slopes, segment_ids, positions) on each device's shard."""
+  q_spec = shard.spec(("act_batch", "act_length", "act_heads", None))
+  kv_spec = shard.spec(("act_batch", "act_length", "act_kv_heads", None))
+  if q_spec[1] is not None:
+    raise ValueError("the pallas attention kernel needs the whole sequence on each device; "
+                     "map mesh.rules.act_length to [] or use attention=xla")
+  if q_spec[2] != kv_spec[2] or k.shape[2] % _ways(shard, kv_spec[2]):
+    raise ValueError(
+        f"pallas attention shards query and kv heads the same way, but {k.shape[2]} kv heads "
+        f"and rules act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+  side = P(q_spec[0], None)
+  return jax.shard_map(
+      kernel, mesh=shard.mesh,
+      in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[2]), side, side),
+      out_specs=q_spec, check_vma=False,
+  )(q, k, v, slopes, segment_ids, positions)
