@@ -1,4 +1,4 @@
-"""`stepaudio` command line: train, and print a resolved config."""
+"""`stepaudio` command line: train, print a resolved config, export/import Hugging Face models."""
 
 import argparse
 import logging
@@ -27,6 +27,77 @@ def _show_config(args) -> int:
   return 0
 
 
+def _export(args) -> int:
+  import jax
+
+  from stepaudio_jax.export.exporter import export_checkpoint
+
+  summary = export_checkpoint(
+      args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+      tokenizer_model=args.tokenizer, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  if jax.process_count() > 1:  # the directory is complete only when every process is done
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("stepaudio export")
+  if jax.process_index() == 0:
+    print(f"exported step {summary.step} as {summary.architecture} to {summary.out_dir}: "
+          f"{summary.num_tensors} tensors, {summary.total_bytes / 1e6:.1f} MB")
+  return 0
+
+
+def _score(args) -> int:
+  import numpy as np
+
+  from stepaudio_jax.export.score import score
+
+  try:
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+  except ValueError:
+    print(f"stepaudio score: error: --tokens {args.tokens!r} must be comma-separated integers",
+          file=sys.stderr)
+    return 2
+  logits = score(args.checkpoint, tokens)
+  np.save(args.out, logits)
+  print(f"wrote logits {list(logits.shape)} (float32) to {args.out}")
+  return 0
+
+
+def _import(args) -> int:
+  from stepaudio_jax.export.hf_import import import_hf
+
+  step_dir = import_hf(args.hf_dir, args.checkpoint_dir, config=args.config,
+                       overrides=args.overrides, vision_dir=args.vision)
+  print(f"imported {args.hf_dir} into {step_dir}")
+  return 0
+
+
+def _add_export_commands(sub) -> None:
+  p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model (safetensors)")
+  p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
+  p.add_argument("out_dir", help="output directory")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+  p.add_argument("--tokenizer", default="", help="sentencepiece tokenizer.model to ship with it")
+  p.set_defaults(fn=_export)
+
+  p = sub.add_parser("score", help="write the model's float32 logits [seq, vocab] for token ids")
+  p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
+  p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,5,9")
+  p.add_argument("--out", required=True, help="output .npy file")
+  p.set_defaults(fn=_score)
+
+  p = sub.add_parser("import", help="a Hugging Face Step1/Llama model -> a run directory")
+  p.add_argument("hf_dir", help="directory with config.json and safetensors")
+  p.add_argument("checkpoint_dir", help="run directory to create (checkpoints/0 + config.yaml)")
+  p.add_argument("--config", default="configs/base.yaml",
+                 help="run config for everything config.json does not say (tokens, mesh, ...)")
+  p.add_argument("--vision", default="", help="SigLIP vision model directory for the encoder")
+  p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=2")
+  p.set_defaults(fn=_import)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="stepaudio", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -36,14 +107,20 @@ def main(argv=None) -> int:
     p.add_argument("config", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     p.set_defaults(fn=fn)
-  args = parser.parse_args(argv)
+  _add_export_commands(sub)
+  args, extra = parser.parse_known_args(argv)
+  if extra:  # argparse leaves `key=value` after an option (`import A B --config C k=v`) over
+    if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+      parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from stepaudio_jax.config import ConfigError
+  from stepaudio_jax.export.orbax_reader import ExportError
   from stepaudio_jax.training.checkpoint import CheckpointError
 
   try:
     return args.fn(args)
-  except (ConfigError, CheckpointError) as e:
+  except (ConfigError, CheckpointError, ExportError) as e:
     print(f"stepaudio {args.command}: error: {e}", file=sys.stderr)
     return 2
 

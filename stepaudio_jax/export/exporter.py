@@ -1,0 +1,111 @@
+"""`stepaudio export`: a trainer checkpoint -> a Hugging Face model directory, tensor by tensor.
+
+Shapes and dtypes come from the run's config, so the shard plan and every file header are known
+before any weight is read; each tensor is then read from the checkpoint (one layer of a stacked
+array at a time), transposed to the PyTorch layout, cast and written, and dropped. Peak host
+memory is one stored chunk plus one output tensor, whatever the model size.
+
+Several processes (a multi-host job) split the shard files between them: process i writes the
+shards i, i + P, ...; process 0 also writes the JSON files. Every process reads the checkpoint
+from the shared filesystem the run saved to, so nothing has to be gathered.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+
+from stepaudio_jax.export import safetensors_io as st
+from stepaudio_jax.export import step1_layout as layout
+from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
+
+OUT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSummary:
+  out_dir: str
+  step: int
+  architecture: str
+  files: list[str]  # the shard files this process wrote
+  num_tensors: int
+  total_bytes: int
+  largest_tensor_bytes: int
+
+
+def check_shapes(reader: CheckpointReader, cfg, maps: list[layout.TensorMap]) -> None:
+  """Fail before writing anything if the checkpoint does not hold the config's model."""
+  for m in maps:
+    want = layout.stacked_shape(cfg, m)
+    got = reader.shape(m.path)
+    if got != want:
+      raise ExportError(
+          f"{reader.state_dir}: {'.'.join(m.path)} has shape {list(got)} but "
+          f"{os.path.join(reader.run_dir, 'config.yaml')} implies {list(want)}; the config does "
+          "not belong to this checkpoint (pass the run directory that wrote it)"
+      )
+
+
+def tensor_plans(reader: CheckpointReader, cfg, dtype: np.dtype) -> list[st.TensorPlan]:
+  def produce(m: layout.TensorMap):
+    return lambda: m.to_public(reader.read(m.path, m.index)).astype(dtype)
+
+  maps = layout.tensor_maps(cfg)
+  check_shapes(reader, cfg, maps)
+  return [st.TensorPlan(m.name, m.public_shape, dtype, produce(m)) for m in maps]
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+    tokenizer_model: str = "",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> ExportSummary:
+  """Write out_dir (safetensors shards + index, config.json, generation and tokenizer config)."""
+  if dtype not in OUT_DTYPES:
+    raise ExportError(f"--dtype {dtype!r}: choose one of {sorted(OUT_DTYPES)}")
+  if tokenizer_model and not os.path.isfile(tokenizer_model):
+    raise ExportError(f"--tokenizer {tokenizer_model}: no such file (a sentencepiece .model)")
+  reader = CheckpointReader(checkpoint)
+  run_cfg = load_run_config(reader.run_dir)
+  cfg, tokens = run_cfg.model, run_cfg.tokens
+  plans = tensor_plans(reader, cfg, OUT_DTYPES[dtype])
+  shards = st.plan_shards(plans, st.parse_size(max_shard_size))
+  names = st.shard_names(len(shards))
+  os.makedirs(out_dir, exist_ok=True)
+  if process_index == 0:
+    for stale in glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors")):
+      if os.path.basename(stale) not in names:
+        os.remove(stale)
+  written = []
+  for i, (shard, name) in enumerate(zip(shards, names)):
+    if i % process_count == process_index:
+      st.write_file(os.path.join(out_dir, name), shard, {"format": "pt"})
+      written.append(name)
+  if process_index == 0:
+    st.write_index(out_dir, shards, names)
+    _write_json(os.path.join(out_dir, "config.json"), layout.hf_config(cfg, tokens, dtype))
+    _write_json(os.path.join(out_dir, "generation_config.json"), layout.generation_config(tokens))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                layout.tokenizer_config(cfg, tokens, bool(tokenizer_model)))
+    if tokenizer_model:
+      shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+  return ExportSummary(
+      out_dir=out_dir, step=reader.step, architecture=layout.architecture(cfg), files=written,
+      num_tensors=len(plans), total_bytes=sum(p.nbytes for p in plans),
+      largest_tensor_bytes=max(p.nbytes for p in plans),
+  )

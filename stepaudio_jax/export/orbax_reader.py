@@ -1,0 +1,108 @@
+"""Read single arrays (or slices of them) out of a trainer checkpoint, never the whole state.
+
+A checkpoint step is RUN_DIR/checkpoints/<step>/state, an Orbax PyTree checkpoint (OCDBT +
+zarr). Orbax's own restore materialises the requested tree at once; here each array is opened
+with tensorstore and only the requested index is read, so exporting a model needs host memory
+for one stored chunk (Orbax writes one chunk per device shard) plus one output tensor, not for
+the model. Works on checkpoints written by any number of processes (one OCDBT database per
+process, all under the same root).
+"""
+
+import json
+import os
+
+import numpy as np
+import tensorstore as ts
+
+from stepaudio_jax.config import RunConfig, load_config
+
+class ExportError(ValueError):
+  """Bad input to export/import; the message names the file and the fix."""
+
+
+def _complete_steps(ckpt_dir: str) -> list[int]:
+  steps = []
+  for name in os.listdir(ckpt_dir):
+    state = os.path.join(ckpt_dir, name, "state")
+    if name.isdigit() and os.path.isfile(os.path.join(state, "_METADATA")):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+def resolve_step_dir(path: str) -> tuple[str, str]:
+  """(run_dir, step_dir) for a run directory (newest complete step) or a step directory."""
+  path = os.path.abspath(path)
+  if os.path.isfile(os.path.join(path, "state", "_METADATA")):
+    return os.path.dirname(os.path.dirname(path)), path
+  ckpt_dir = os.path.join(path, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ExportError(
+        f"{path} is neither a run directory (no {ckpt_dir}) nor a checkpoint step directory "
+        "(no state/_METADATA); pass RUN_DIR or RUN_DIR/checkpoints/<step>"
+    )
+  steps = _complete_steps(ckpt_dir)
+  if not steps:
+    raise ExportError(f"{ckpt_dir} holds no complete checkpoint step (no <step>/state/_METADATA)")
+  return path, os.path.join(ckpt_dir, str(steps[-1]))
+
+
+def load_run_config(run_dir: str) -> RunConfig:
+  path = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(path):
+    raise ExportError(
+        f"{path} does not exist: the trainer writes it next to checkpoints/; copy the run's "
+        "resolved config there (stepaudio show-config CONFIG > config.yaml)"
+    )
+  return load_config(path)
+
+
+class CheckpointReader:
+  """Arrays of one checkpoint step by tree path, e.g. ('params', 'lm', 'layers', 'wq')."""
+
+  def __init__(self, path: str):
+    self.run_dir, self.step_dir = resolve_step_dir(path)
+    self.state_dir = os.path.join(self.step_dir, "state")
+    with open(os.path.join(self.state_dir, "_METADATA")) as f:
+      meta = json.load(f)
+    self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    self._ocdbt = meta.get("use_ocdbt", True)
+    self.paths = [
+        tuple(k["key"] for k in entry["key_metadata"])
+        for entry in meta["tree_metadata"].values()
+        if entry["value_metadata"]["value_type"] == "jax.Array"
+    ]
+    self._open: dict[tuple, ts.TensorStore] = {}
+    # One context for all arrays, no cache: a read decodes its chunks, copies the slice out and
+    # lets the chunks go.
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+  @property
+  def step(self) -> int:
+    return int(os.path.basename(self.step_dir))
+
+  def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
+    if path not in self._open:
+      if path not in self.paths:
+        raise ExportError(
+            f"{self.state_dir} has no array {'.'.join(path)}; it is not a checkpoint of this "
+            "model (stored arrays start with "
+            f"{sorted({'.'.join(p[:2]) for p in self.paths})})"
+        )
+      name = ".".join(path)
+      if self._ocdbt:
+        kvstore = {"driver": "ocdbt", "base": f"file://{self.state_dir}", "path": name}
+      else:
+        kvstore = {"driver": "file", "path": os.path.join(self.state_dir, name)}
+      spec = {"driver": self._driver, "kvstore": kvstore}
+      self._open[path] = ts.open(spec, open=True, read=True, context=self._context).result()
+    return self._open[path]
+
+  def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(self._store(path).shape)
+
+  def dtype(self, path: tuple[str, ...]) -> np.dtype:
+    return np.dtype(self._store(path).dtype.numpy_dtype)
+
+  def read(self, path: tuple[str, ...], index=()) -> np.ndarray:
+    """The array at `path`, or only `index` of it (e.g. one layer of a stacked parameter)."""
+    return np.asarray(self._store(path)[index].read().result())
