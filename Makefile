@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q tests
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -e '.[export]'
 	$(BIN)/python benchmarks/train_step.py configs/bench.yaml
+	$(BIN)/python benchmarks/train_step.py configs/bench.yaml model.position_encoding=rope
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -88,3 +88,20 @@ def test_bad_arguments_are_named():
     kernels.attention(q, kv, kv, implementation="nope")
   with pytest.raises(ValueError, match="unknown attention bias"):
     kernels.attention(q, kv, kv, bias="alibi")
+
+
+@pytest.mark.parametrize("query_block", [3, 4, 11])
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_blocks_do_not_change_the_result(query_block, causal):
+  """Skipping the causal upper triangle block by block gives the one-block numbers."""
+  from stepaudio_jax.kernels.reference import xla_attention
+
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=(2, 11, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray([[1] * 6 + [2] * 5, [1] * 11], jnp.int32)
+  pos = jnp.asarray([list(range(6)) + list(range(5)), list(range(11))], jnp.int32)
+  common = dict(segment_ids=seg, positions=pos, bias="alibi_sqrt", causal=causal)
+  whole = xla_attention(q, k, v, **common)
+  blocked = xla_attention(q, k, v, **common, query_block=query_block)
+  np.testing.assert_allclose(blocked, whole, atol=1e-6)

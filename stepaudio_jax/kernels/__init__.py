@@ -22,6 +22,7 @@ BIASES = ("alibi_sqrt", "none")
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "auto")
 DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64),
                   "cpu": BlockSizes(128, 128)}
+XLA_QUERY_BLOCK = 256  # the xla path skips causal key blocks past each query block
 
 __all__ = ["BIASES", "IMPLEMENTATIONS", "BlockSizes", "attention"]
 
@@ -90,7 +91,8 @@ def attention(
   impl = _resolve(implementation, backend)
   common = dict(segment_ids=segment_ids, positions=positions, bias=bias, causal=causal)
   if impl == "xla":
-    return xla_attention(q, k, v, **common)
+    query_block = block_sizes.block_q if block_sizes else XLA_QUERY_BLOCK
+    return xla_attention(q, k, v, **common, query_block=query_block)
   if impl == "cudnn":
     return dense_bias_attention(q, k, v, **common, implementation="cudnn")
   return _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, backend)
