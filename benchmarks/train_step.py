@@ -30,7 +30,6 @@ The table is for people; the last line printed is one JSON object with every num
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -90,23 +89,13 @@ def compile_step(cfg, batch: dict):
   """(compiled step, state, device batch), jitted exactly as the trainer jits it."""
   tc = cfg.train
   shard = LogicalSharding.create(make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rules)
-  tx = make_optimizer(cfg.optimizer, tc.steps)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, tc.seed)
-  shardings = ts.state_shardings(spec, shard, jax.eval_shape(init))
-  batch_sh = ts.batch_shardings(shard, jax.tree.map(jnp.asarray, batch))
-  step = jax.jit(
-      functools.partial(ts.train_step, spec=spec, tx=tx,
-                        lr_schedule=learning_rate_schedule(cfg.optimizer, tc.steps),
-                        grad_accum_steps=tc.grad_accum_steps, shard=shard),
-      in_shardings=(shardings, batch_sh),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
+  steps = ts.build_steps(cfg, shard, make_optimizer(cfg.optimizer, tc.steps),
+                         jax.eval_shape(lambda: batch),
+                         learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
   with jax.set_mesh(shard.mesh):
-    state = jax.jit(init, out_shardings=shardings)()
-    device_batch = jax.device_put(batch, batch_sh)
-    compiled = step.lower(state, device_batch).compile()
+    state = steps.init()
+    device_batch = jax.device_put(batch, steps.batch_shardings)
+    compiled = steps.train.lower(state, device_batch).compile()
   return compiled, state, device_batch
 
 

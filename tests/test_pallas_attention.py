@@ -161,17 +161,11 @@ def _tiny_losses(attention, steps=3):
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.data=2", "mesh.tensor=2",
                                           f"model.attention={attention}"])
   shard = LogicalSharding.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-  tx = optax.adam(1e-2)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, 0)
-  shardings = ts.state_shardings(spec, shard, jax.eval_shape(init))
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, cfg.train.seq_len, 0)
   host = source.batch(0, 0, range(cfg.train.batch_size))
-  batch_sh = ts.batch_shardings(shard, jax.eval_shape(lambda: host))
-  step = jax.jit(functools.partial(ts.train_step, spec=spec, tx=tx, lr_schedule=lambda s: 0.0,
-                                   grad_accum_steps=1, shard=shard),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
-  state = jax.jit(init, out_shardings=shardings)()
+  fns = ts.build_steps(cfg, shard, optax.adam(1e-2), jax.eval_shape(lambda: host),
+                       lambda s: 0.0, seed=0)
+  step, batch_sh, state = fns.train, fns.batch_shardings, fns.init()
   losses = []
   for i in range(steps):
     state, metrics = step(state, jax.device_put(source.batch(0, i, range(8)), batch_sh))

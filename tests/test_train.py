@@ -1,7 +1,6 @@
 """The train step (accumulation, compile-once) and the loop (loss falls, progress, events)."""
 
 import dataclasses
-import functools
 import glob
 import os
 import subprocess
@@ -23,21 +22,14 @@ from stepaudio_jax.training.trainer import train
 def _setup(overrides, tx=None):
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.data=2", "mesh.tensor=2"]
                     + overrides)
-  mesh = make_mesh(cfg.mesh)
-  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  opt = dataclasses.replace(cfg.optimizer, warmup_steps=0)
-  tx = tx or make_optimizer(opt, cfg.train.steps)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, 0)
-  shardings = ts.state_shardings(spec, shard, jax.eval_shape(init))
+  shard = LogicalSharding.create(make_mesh(cfg.mesh), cfg.mesh.rules)
+  tx = tx or make_optimizer(dataclasses.replace(cfg.optimizer, warmup_steps=0), cfg.train.steps)
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, cfg.train.seq_len, 0)
   host = source.batch(0, 0, range(cfg.train.batch_size))
-  batch_sh = ts.batch_shardings(shard, jax.eval_shape(lambda: host))
-  step = jax.jit(functools.partial(ts.train_step, spec=spec, tx=tx, lr_schedule=lambda s: 0.0,
-                                   grad_accum_steps=cfg.train.grad_accum_steps, shard=shard),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
-  state = jax.jit(init, out_shardings=shardings)()
-  return step, state, jax.device_put(host, batch_sh), source, batch_sh
+  steps = ts.build_steps(cfg, shard, tx, jax.eval_shape(lambda: host), lambda s: 0.0, seed=0,
+                         donate=False)
+  return steps.train, steps.init(), jax.device_put(host, steps.batch_shardings), source, \
+      steps.batch_shardings
 
 
 def test_grad_accumulation_equals_one_big_batch():

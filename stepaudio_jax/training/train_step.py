@@ -9,6 +9,7 @@ take the sharding of the parameter they mirror.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -202,3 +203,44 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict, *, spec: ModelSpec) -> dict:
   return _forward_sums(spec, state.params, state.frozen, batch)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Everything a loop needs, jitted with explicit shardings: built once per run."""
+
+  spec: ModelSpec
+  abstract_state: TrainState
+  state_shardings: TrainState
+  batch_shardings: dict
+  init: Callable  # () -> TrainState, sharded
+  train: Callable  # (state, batch) -> (state, metrics); state donated
+  eval: Callable  # (state, batch) -> loss sums
+
+
+def build_steps(cfg, shard: LogicalSharding, tx: optax.GradientTransformation, batch_shapes: dict,
+                lr_schedule: Callable, seed: int, donate: bool = True) -> Steps:
+  spec = model_spec(cfg, shard)
+  init = functools.partial(init_state, cfg, tx, shard, seed)
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(spec, shard, abstract)
+  for name, s in batch_shapes.items():
+    shard.check_divides(f"batch field {name!r} (train.batch_size={s.shape[0]})", s.shape,
+                        BATCH_AXES[: len(s.shape)])
+  batch_sh = batch_shardings(shard, batch_shapes)
+  step = jax.jit(
+      functools.partial(train_step, spec=spec, tx=tx, lr_schedule=lr_schedule,
+                        grad_accum_steps=cfg.train.grad_accum_steps, shard=shard),
+      in_shardings=(shardings, batch_sh),
+      out_shardings=(shardings, None),
+      donate_argnums=0 if donate else (),
+  )
+  return Steps(
+      spec=spec,
+      abstract_state=abstract,
+      state_shardings=shardings,
+      batch_shardings=batch_sh,
+      init=jax.jit(init, out_shardings=shardings),
+      train=step,
+      eval=jax.jit(functools.partial(eval_step, spec=spec), in_shardings=(shardings, batch_sh)),
+  )

@@ -8,7 +8,6 @@ stops the run: it never falls back to step 0.
 """
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -128,19 +127,13 @@ def train(cfg, print_fn=print) -> list[dict]:
   shard = LogicalSharding.create(mesh, cfg.mesh.rules)
   lead = jax.process_index() == 0
   tx = make_optimizer(cfg.optimizer, tc.steps)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, tc.seed)
-  abstract = jax.eval_shape(init)
-  shardings = ts.state_shardings(spec, shard, abstract)
-
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed)
-  batch_shapes = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
-  batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:],
-                                                             x.dtype), batch_shapes)
-  batch_sh = ts.batch_shardings(shard, batch_shapes)
-  for name, s in batch_shapes.items():
-    shard.check_divides(f"batch field {name!r} (train.batch_size={tc.batch_size})", s.shape,
-                        ts.BATCH_AXES[: len(s.shape)])
+  row = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
+  batch_shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), row)
+  steps = ts.build_steps(cfg, shard, tx, batch_shapes,
+                         learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
+  shardings, batch_sh = steps.state_shardings, steps.batch_shardings
 
   ckpt = Checkpointer(tc.run_dir, cfg.checkpoint)
   latest = ckpt.latest_step()
@@ -151,13 +144,13 @@ def train(cfg, print_fn=print) -> list[dict]:
     )
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+                          steps.abstract_state, shardings)
     state, data_state = ckpt.restore(latest, target)
     if lead:
       print_fn(f"resumed from {ckpt.directory} at step {latest}", flush=True)
   else:
     with jax.set_mesh(mesh):
-      state = jax.jit(init, out_shardings=shardings)()
+      state = steps.init()
     if cfg.checkpoint.init_from:
       state = _init_from(cfg, state, shardings)
     data_state = {"step": 0}
@@ -168,17 +161,6 @@ def train(cfg, print_fn=print) -> list[dict]:
     raise CheckpointError(
         f"checkpoint step {start} carries data iterator state for step {data_state['step']}"
     )
-
-  step_fn = jax.jit(
-      functools.partial(ts.train_step, spec=spec, tx=tx,
-                        lr_schedule=learning_rate_schedule(cfg.optimizer, tc.steps),
-                        grad_accum_steps=tc.grad_accum_steps, shard=shard),
-      in_shardings=(shardings, batch_sh),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
-  eval_fn = jax.jit(functools.partial(ts.eval_step, spec=spec),
-                    in_shardings=(shardings, batch_sh))
 
   tokens_per_step = tc.batch_size * tc.seq_len
   peak = device_peak_flops(tc) * jax.device_count()
@@ -201,7 +183,7 @@ def train(cfg, print_fn=print) -> list[dict]:
   with jax.set_mesh(mesh), _StopFlag() as stop:
     while step < tc.steps and not stop.set:
       batch = load_batch(source, TRAIN_SPLIT, step, tc.batch_size, batch_sh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = steps.train(state, batch)
       step += 1
       if pending is not None:
         fetch(pending)
@@ -210,7 +192,7 @@ def train(cfg, print_fn=print) -> list[dict]:
       if tc.eval_every and step % tc.eval_every == 0:
         sums = None
         for i in range(tc.eval_batches):
-          out = eval_fn(state, load_batch(source, EVAL_SPLIT, i, tc.batch_size, batch_sh))
+          out = steps.eval(state, load_batch(source, EVAL_SPLIT, i, tc.batch_size, batch_sh))
           sums = out if sums is None else jax.tree.map(np.add, sums, out)
         progress.log_eval(step, {k: float(v) for k, v in loss_lib.finalize(sums).items()})
     if pending is not None:
