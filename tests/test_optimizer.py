@@ -50,7 +50,7 @@ def test_global_norm_clipping_feeds_adam():
   _, state = tx.update(grads, tx.init(PARAMS), PARAMS)
   nu = state[1].nu
   clipped = jax.tree.map(lambda v: jnp.sqrt(v / (1 - cfg.b2)), nu)
-  assert abs(float(optax.global_norm(clipped)) - 1.0) < 1e-4
+  assert abs(float(optax.tree.norm(clipped)) - 1.0) < 1e-4
 
 
 def test_schedules():
