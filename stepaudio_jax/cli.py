@@ -1,4 +1,5 @@
-"""`stepaudio` command line: train, print a resolved config, export/import Hugging Face models."""
+"""`stepaudio` command line: train, print a resolved config, compile ahead of time for a TPU
+slice, export/import Hugging Face models."""
 
 import argparse
 import logging
@@ -25,6 +26,21 @@ def _show_config(args) -> int:
 
   dump_config(load_config(args.config, args.overrides), "/dev/stdout")
   return 0
+
+
+def _aot(args) -> int:
+  from stepaudio_jax.config import load_config
+  from stepaudio_jax.training.aot import compile_train_step
+
+  cfg = load_config(args.config, args.overrides)
+  report, _ = compile_train_step(cfg, args.topology, args.num_slices)
+  gib = 1 << 30
+  print(f"{args.config} on {report.topology} ({report.chips} chips, mesh {report.mesh})")
+  print(f"  compiled bytes per chip  {report.bytes_per_chip / gib:8.2f} GiB "
+        f"(HBM {report.hbm_per_chip / gib:.0f} GiB: {'fits' if report.fits else 'DOES NOT FIT'})")
+  print(f"  analytic estimate        {report.analytic_bytes_per_chip / gib:8.2f} GiB")
+  print(f"  model FLOPs per step     {report.step_flops:.3e}")
+  return 0 if report.fits else 1
 
 
 def _export(args) -> int:
@@ -107,6 +123,12 @@ def main(argv=None) -> int:
     p.add_argument("config", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     p.set_defaults(fn=fn)
+  p = sub.add_parser("aot", help="compile the train step for a TPU slice here; report memory")
+  p.add_argument("config", help="YAML config file (configs/...)")
+  p.add_argument("--topology", default="v5p:8x8x8", help="TPU slice, e.g. v5p:8x8x8")
+  p.add_argument("--num-slices", type=int, default=1)
+  p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")
+  p.set_defaults(fn=_aot)
   _add_export_commands(sub)
   args, extra = parser.parse_known_args(argv)
   if extra:  # argparse leaves `key=value` after an option (`import A B --config C k=v`) over

@@ -87,7 +87,8 @@ def attention(
         f"attention implementation {implementation!r} is not available; "
         f"choose one of {IMPLEMENTATIONS}"
     )
-  backend = jax.default_backend()
+  # The mesh's devices say where the program runs (an AOT compile for TPU runs on a CPU host).
+  backend = shard.mesh.devices.flat[0].platform if shard is not None else jax.default_backend()
   impl = _resolve(implementation, backend)
   common = dict(segment_ids=segment_ids, positions=positions, bias=bias, causal=causal)
   if impl == "xla":
