@@ -1,20 +1,24 @@
 """Peak host memory of `stepaudio export` against the size of the model it exports.
 
-  python benchmarks/export.py [--layers 16] [--hidden 1024] [--vocab 32768] [--devices 8]
+  python benchmarks/export.py [--layers 8 16] [--hidden 1024] [--vocab 32768] [--devices 8]
                               [--dtype bfloat16] [--keep DIR]
 
+For each --layers value (one model size each):
 1. A subprocess writes a synthetic checkpoint of a Step1 LM (RUN/config.yaml and the `params`
    of RUN/checkpoints/0/state, Orbax OCDBT, sharded over --devices emulated CPU devices on the
    fsdp axis as the trainer saves it), so its chunks are one device shard each.
 2. A fresh subprocess runs the export (exporter.export_checkpoint) and reports its peak resident
    memory (resource.getrusage ru_maxrss) and wall time.
-3. Another fresh subprocess imports the same modules and does nothing: its peak RSS is the
-   baseline of Python + jax + tensorstore.
+Once: another fresh subprocess imports the same modules and does nothing: its peak RSS is the
+baseline of Python + jax + tensorstore.
 
   export overhead = peak RSS of the export - baseline RSS: what the export itself needed.
-  bound           = largest stored chunk + the largest output tensor (its fp32 read plus its
-                    converted copy): what one tensor at a time can need.
-The model is several times larger than the bound, so a whole-model read would show.
+  bound           = largest exported tensor + a constant: 2 stored chunks (compressed and
+                    decoded) + one block of exporter.BLOCK_BYTES (read, and converted) + 64 MiB
+                    of runtime (tensorstore threads and heaps, the trimmed malloc arenas).
+Every size is several times larger than the bound, so a whole-model read would show, and the
+overhead must not grow with the checkpoint between sizes (only the chunk term may, because a
+stacked [L, ...] array is stored with all L layers in each chunk).
 The table is for people; the last line printed is one JSON object with every number.
 """
 
@@ -58,6 +62,8 @@ ckpt.save(os.path.join(run, "checkpoints", "0", "state"), {"params": {"lm": para
 ckpt.wait_until_finished()
 """
 
+RUNTIME_BYTES = 64 * 2**20
+
 EXPORT = """
 import json, resource, sys, time
 from stepaudio_jax.export.exporter import export_checkpoint
@@ -100,59 +106,79 @@ def _stored_bytes(run: str) -> tuple[int, int]:
   return total, largest_chunk
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--layers", type=int, default=16)
-  ap.add_argument("--hidden", type=int, default=1024)
-  ap.add_argument("--vocab", type=int, default=32768)
-  ap.add_argument("--devices", type=int, default=8)
-  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  ap.add_argument("--keep", default="", help="directory to keep the checkpoint and export in")
-  a = ap.parse_args()
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _measure(a, layers: int, work: str, repo: str) -> dict:
+  """Make a checkpoint with `layers` layers, export it; sizes, peak RSS and times."""
+  from stepaudio_jax.export.exporter import BLOCK_BYTES
+
   heads = a.hidden // 64
   overrides = [f"model.vocab_size={a.vocab}", f"model.hidden_size={a.hidden}",
-               f"model.num_layers={a.layers}", f"model.num_heads={heads}",
+               f"model.num_layers={layers}", f"model.num_heads={heads}",
                f"model.num_kv_heads={max(1, heads // 4)}", "model.head_dim=64",
                f"model.intermediate_size={a.hidden * 11 // 4}", "tokens.text_vocab_size=1024",
                "tokens.linguistic_codes=64", "tokens.semantic_codes=64", "train.seq_len=128",
                "mesh.fsdp=-1"]
-  work = a.keep or tempfile.mkdtemp(prefix="stepaudio_export_bench_")
-  run, out = os.path.join(work, "run"), os.path.join(work, "hf")
+  run, out = os.path.join(work, f"run{layers}"), os.path.join(work, f"hf{layers}")
   os.makedirs(run, exist_ok=True)
   t = time.perf_counter()
   _run(MAKE, run, str(a.devices), json.dumps(overrides), os.path.join(repo, "configs", "base.yaml"))
   make_s = time.perf_counter() - t
   stored, chunk = _stored_bytes(run)
   exp = _run(EXPORT, run, out, a.dtype)
-  base = _run(BASELINE)
   out_item = 2 if a.dtype == "bfloat16" else 4
-  largest_fp32 = exp["largest_tensor_bytes"] // out_item * 4
-  bound = chunk + largest_fp32 + exp["largest_tensor_bytes"]
-  overhead = exp["peak_rss"] - base["peak_rss"]
-  row = {
-      "layers": a.layers, "hidden": a.hidden, "vocab": a.vocab, "devices": a.devices,
+  block = BLOCK_BYTES + BLOCK_BYTES // 4 * out_item
+  return {
+      "layers": layers, "hidden": a.hidden, "vocab": a.vocab, "devices": a.devices,
       "dtype": a.dtype, "checkpoint_param_bytes": stored, "largest_stored_chunk_bytes": chunk,
-      "export_bytes": exp["total_bytes"], "largest_export_tensor_bytes": exp["largest_tensor_bytes"],
-      "bound_bytes": bound, "baseline_rss_bytes": base["peak_rss"],
-      "export_peak_rss_bytes": exp["peak_rss"], "export_overhead_bytes": overhead,
-      "overhead_over_checkpoint": overhead / stored, "export_seconds": exp["seconds"],
+      "export_bytes": exp["total_bytes"],
+      "largest_export_tensor_bytes": exp["largest_tensor_bytes"], "block_bytes": block,
+      "bound_bytes": exp["largest_tensor_bytes"] + 2 * chunk + block + RUNTIME_BYTES,
+      "export_peak_rss_bytes": exp["peak_rss"], "export_seconds": exp["seconds"],
       "make_checkpoint_seconds": make_s,
   }
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+  ap.add_argument("--hidden", type=int, default=1024)
+  ap.add_argument("--vocab", type=int, default=32768)
+  ap.add_argument("--devices", type=int, default=8)
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  ap.add_argument("--keep", default="", help="directory to keep the checkpoints and exports in")
+  a = ap.parse_args()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = a.keep or tempfile.mkdtemp(prefix="stepaudio_export_bench_")
+  rows = [_measure(a, layers, work, repo) for layers in a.layers]
+  base = _run(BASELINE)["peak_rss"]
+  for row in rows:
+    row["baseline_rss_bytes"] = base
+    row["export_overhead_bytes"] = row["export_peak_rss_bytes"] - base
+    row["overhead_over_checkpoint"] = row["export_overhead_bytes"] / row["checkpoint_param_bytes"]
+    row["within_bound"] = row["export_overhead_bytes"] <= row["bound_bytes"]
   mb = 1 / 2**20
-  print(f"{'quantity':<40}{'MiB':>10}")
+  print(f"{'MiB':<40}" + "".join(f"{str(r['layers']) + ' layers':>14}" for r in rows))
   for label, key in (("checkpoint params (fp32, stored)", "checkpoint_param_bytes"),
                      ("exported safetensors", "export_bytes"),
                      ("largest stored chunk", "largest_stored_chunk_bytes"),
                      ("largest exported tensor", "largest_export_tensor_bytes"),
-                     ("bound: chunk + tensor (fp32 + out)", "bound_bytes"),
+                     ("one block (read + converted)", "block_bytes"),
+                     ("bound: tensor + 2 chunks + block + 64", "bound_bytes"),
                      ("baseline RSS (imports only)", "baseline_rss_bytes"),
                      ("export peak RSS", "export_peak_rss_bytes"),
                      ("export overhead (peak - baseline)", "export_overhead_bytes")):
-    print(f"{label:<40}{row[key] * mb:>10.1f}")
-  print(f"{'overhead / checkpoint':<40}{row['overhead_over_checkpoint']:>10.2f}")
-  print(f"{'export time (s)':<40}{row['export_seconds']:>10.1f}")
-  print(json.dumps(row))
+    print(f"{label:<40}" + "".join(f"{r[key] * mb:>14.1f}" for r in rows))
+  print(f"{'overhead / checkpoint':<40}" + "".join(f"{r['overhead_over_checkpoint']:>14.2f}"
+                                                 for r in rows))
+  print(f"{'export time (s)':<40}" + "".join(f"{r['export_seconds']:>14.1f}" for r in rows))
+  summary = {"runs": rows, "all_within_bound": all(r["within_bound"] for r in rows)}
+  if len(rows) > 1:
+    lo, hi = rows[0], rows[-1]
+    summary["checkpoint_growth_bytes"] = hi["checkpoint_param_bytes"] - lo["checkpoint_param_bytes"]
+    summary["overhead_growth_bytes"] = hi["export_overhead_bytes"] - lo["export_overhead_bytes"]
+    print(f"{'growth ' + str(lo['layers']) + ' -> ' + str(hi['layers']) + ' layers':<40}"
+          f"checkpoint +{summary['checkpoint_growth_bytes'] * mb:.1f}, "
+          f"overhead {summary['overhead_growth_bytes'] * mb:+.1f}")
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

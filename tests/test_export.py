@@ -144,7 +144,7 @@ def _text_only_copy(src: str, dst: str, vocab: int) -> None:
     value = np.array(tensors.get(name))
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
       value = value[:vocab]
-    plans.append(TensorPlan(name, value.shape, value.dtype, lambda v=value: v))
+    plans.append(TensorPlan(name, value.shape, value.dtype, lambda v=value: [v]))
   write_file(os.path.join(dst, "model.safetensors"), plans, {"format": "pt"})
   cfg = json.load(open(os.path.join(src, "config.json")))
   json.dump({**cfg, "vocab_size": vocab}, open(os.path.join(dst, "config.json"), "w"))

@@ -1,9 +1,11 @@
 """`stepaudio export`: a trainer checkpoint -> a Hugging Face model directory, tensor by tensor.
 
 Shapes and dtypes come from the run's config, so the shard plan and every file header are known
-before any weight is read; each tensor is then read from the checkpoint (one layer of a stacked
-array at a time), transposed to the PyTorch layout, cast and written, and dropped. Peak host
-memory is one stored chunk plus one output tensor, whatever the model size.
+before any weight is read. Each tensor is then read from the checkpoint in blocks of at most
+BLOCK_BYTES (of one layer of a stacked array, along the axis that becomes its public rows),
+transposed to the PyTorch layout, cast and appended to its file, and dropped. Peak host memory is
+one decoded stored chunk plus one block, whatever the model size; a stacked array saved from a
+single device is one chunk holding every layer, so there the chunk term is that whole array.
 
 Several processes (a multi-host job) split the shard files between them: process i writes the
 shards i, i + P, ...; process 0 also writes the JSON files. Every process reads the checkpoint
@@ -24,6 +26,7 @@ from stepaudio_jax.export import step1_layout as layout
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
 
 OUT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+BLOCK_BYTES = 16 * 2**20  # of stored values read at once: a larger tensor is read in pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +53,28 @@ def check_shapes(reader: CheckpointReader, cfg, maps: list[layout.TensorMap]) ->
       )
 
 
-def tensor_plans(reader: CheckpointReader, cfg, dtype: np.dtype) -> list[st.TensorPlan]:
-  def produce(m: layout.TensorMap):
-    return lambda: m.to_public(reader.read(m.path, m.index)).astype(dtype)
+def public_blocks(reader: CheckpointReader, m: layout.TensorMap, dtype: np.dtype):
+  """m's public tensor as consecutive row blocks, each read, transposed and cast on its own.
 
+  A block is a range along m.row_axis of our array; when the stored chunks split that axis the
+  blocks are whole chunks, so no chunk is decoded twice.
+  """
+  units = m.our_shape[m.row_axis]
+  unit_bytes = reader.dtype(m.path).itemsize * int(np.prod(m.our_shape)) // units
+  step = min(units, max(1, BLOCK_BYTES // unit_bytes))
+  chunk = reader.chunk_shape(m.path)[len(m.index) + m.row_axis]
+  if chunk < step:
+    step -= step % chunk
+  for start in range(0, units, step):
+    index = m.index + (slice(None),) * m.row_axis + (slice(start, min(start + step, units)),)
+    yield np.ascontiguousarray(m.to_public(reader.read(m.path, index)), dtype=dtype)
+
+
+def tensor_plans(reader: CheckpointReader, cfg, dtype: np.dtype) -> list[st.TensorPlan]:
   maps = layout.tensor_maps(cfg)
   check_shapes(reader, cfg, maps)
-  return [st.TensorPlan(m.name, m.public_shape, dtype, produce(m)) for m in maps]
+  return [st.TensorPlan(m.name, m.public_shape, dtype,
+                        lambda m=m: public_blocks(reader, m, dtype)) for m in maps]
 
 
 def _write_json(path: str, obj: dict) -> None:

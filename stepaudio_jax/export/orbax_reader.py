@@ -3,11 +3,13 @@
 A checkpoint step is RUN_DIR/checkpoints/<step>/state, an Orbax PyTree checkpoint (OCDBT +
 zarr). Orbax's own restore materialises the requested tree at once; here each array is opened
 with tensorstore and only the requested index is read, so exporting a model needs host memory
-for one stored chunk (Orbax writes one chunk per device shard) plus one output tensor, not for
-the model. Works on checkpoints written by any number of processes (one OCDBT database per
-process, all under the same root).
+for one decoded stored chunk (Orbax writes one chunk per device shard) plus the block being
+converted, not for the model. Chunks are decoded whole (zstd): a stacked [L, ...] array saved
+from one device is one chunk, so reading one of its layers decodes all L. Works on checkpoints
+written by any number of processes (one OCDBT database per process, all under the same root).
 """
 
+import itertools
 import json
 import os
 
@@ -72,9 +74,10 @@ class CheckpointReader:
         if entry["value_metadata"]["value_type"] == "jax.Array"
     ]
     self._open: dict[tuple, ts.TensorStore] = {}
-    # One context for all arrays, no cache: a read decodes its chunks, copies the slice out and
-    # lets the chunks go.
-    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    # One context for all arrays, no cache: a read decodes its chunk, copies the slice out and
+    # lets the chunk go. One decoding thread: fewer per-thread malloc heaps holding freed chunks.
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                                "data_copy_concurrency": {"limit": 1}})
 
   @property
   def step(self) -> int:
@@ -100,9 +103,30 @@ class CheckpointReader:
   def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(self._store(path).shape)
 
+  def chunk_shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+    """The stored chunk grid: a read decodes every chunk it touches, whole."""
+    return tuple(self._store(path).chunk_layout.read_chunk.shape)
+
   def dtype(self, path: tuple[str, ...]) -> np.dtype:
     return np.dtype(self._store(path).dtype.numpy_dtype)
 
   def read(self, path: tuple[str, ...], index=()) -> np.ndarray:
-    """The array at `path`, or only `index` of it (e.g. one layer of a stacked parameter)."""
-    return np.asarray(self._store(path)[index].read().result())
+    """The array at `path`, or only `index` of it (e.g. one layer of a stacked parameter).
+
+    Read one stored chunk at a time: a single read over many chunks fetches all of them at once,
+    so it would hold every touched chunk (compressed) in memory together.
+    """
+    view = self._store(path)[index]
+    grid = view.chunk_layout
+    pieces = []  # per dimension, the chunk-aligned intervals covering the view
+    for lo, hi, size, origin in zip(view.domain.inclusive_min, view.domain.exclusive_max,
+                                    grid.read_chunk.shape, grid.grid_origin):
+      cuts = range(origin + (lo - origin) // size * size + size, hi, size)
+      edges = [lo, *cuts, hi]
+      pieces.append([slice(a, b) for a, b in zip(edges, edges[1:])])
+    out = np.empty(view.shape, view.dtype.numpy_dtype)
+    for part in itertools.product(*pieces):
+      local = tuple(slice(p.start - lo, p.stop - lo)
+                    for p, lo in zip(part, view.domain.inclusive_min))
+      out[local] = view[part].read().result()
+    return out

@@ -3,16 +3,18 @@
 The format is an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets
 per tensor) and the raw little-endian bytes. Because every shape and dtype is known before any
 data is read, the writer plans the shards and headers first and then streams each tensor's bytes
-straight to disk: the host never holds more than the tensor being written. Reading memory-maps
-the file, so a slice of a tensor touches only its own pages. Plain numpy (bf16 via ml_dtypes):
-no torch, no pickle.
+straight to disk, block by block along its leading axis (row-major, so the blocks are
+consecutive bytes): the host holds one block, not the tensor, and hands freed memory back to the
+OS after each tensor. Reading memory-maps the file, so a slice of a tensor touches only its own
+pages. Plain numpy (bf16 via ml_dtypes): no torch, no pickle.
 """
 
+import ctypes
 import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -31,6 +33,18 @@ DTYPES = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
+def _malloc_trim() -> Callable[[], object]:
+  """glibc keeps freed buffers (one heap per tensorstore thread); malloc_trim returns them."""
+  try:
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # not glibc: its allocator is left alone
+    return lambda: None
+  return lambda: trim(0)
+
+
+release_freed_memory = _malloc_trim()
+
+
 def parse_size(text: str) -> int:
   """'5GB', '500MB', '64KiB' or a byte count -> bytes (HF's max_shard_size spelling)."""
   units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
@@ -45,12 +59,16 @@ def parse_size(text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
-  """One tensor to write: its name, shape, dtype, and a function producing its values."""
+  """One tensor to write: its name, shape, dtype, and a function producing its values.
+
+  `blocks` yields the tensor in consecutive pieces along its leading axis (one piece: the whole
+  tensor), each a full-rank array, so a large tensor never has to exist whole on the host.
+  """
 
   name: str
   shape: tuple[int, ...]
   dtype: np.dtype
-  produce: Callable[[], np.ndarray]
+  blocks: Callable[[], Iterable[np.ndarray]]
 
   @property
   def nbytes(self) -> int:
@@ -86,19 +104,28 @@ def _header(tensors: list[TensorPlan], metadata: dict[str, str]) -> bytes:
   return struct.pack("<Q", len(raw)) + raw
 
 
+def _write_tensor(f, t: TensorPlan) -> None:
+  rows = 0
+  for block in t.blocks():
+    block = np.ascontiguousarray(block)
+    if block.dtype != t.dtype or block.ndim != len(t.shape) or block.shape[1:] != t.shape[1:]:
+      raise ValueError(f"{t.name}: produced a block {block.dtype}{list(block.shape)} of a planned "
+                       f"{t.dtype}{list(t.shape)}")
+    rows += block.shape[0] if block.ndim else 1
+    f.write(memoryview(block.reshape(-1).view(np.uint8)))
+    del block
+  if rows != (t.shape[0] if t.shape else 1):
+    raise ValueError(f"{t.name}: produced {rows} rows, planned {t.dtype}{list(t.shape)}")
+
+
 def write_file(path: str, tensors: list[TensorPlan], metadata: dict[str, str]) -> None:
-  """Write one safetensors file, producing and writing one tensor at a time."""
+  """Write one safetensors file, producing and writing one tensor (block) at a time."""
   tmp = path + ".partial"
   with open(tmp, "wb") as f:
     f.write(_header(tensors, metadata))
     for t in tensors:
-      value = np.ascontiguousarray(t.produce())
-      if value.shape != t.shape or value.dtype != t.dtype:
-        raise ValueError(
-            f"{t.name}: produced {value.dtype}{list(value.shape)}, planned {t.dtype}{list(t.shape)}"
-        )
-      f.write(memoryview(value.reshape(-1).view(np.uint8)))
-      del value
+      _write_tensor(f, t)
+      release_freed_memory()
   os.replace(tmp, path)  # a file under its final name is always complete
 
 

@@ -29,8 +29,9 @@ class TensorMap:
   layer: int | None
   public_shape: tuple[int, ...]
   our_shape: tuple[int, ...]  # of one layer for stacked arrays
-  to_public: Callable[[np.ndarray], np.ndarray]
+  to_public: Callable[[np.ndarray], np.ndarray]  # also maps a block along row_axis to rows
   to_ours: Callable[[np.ndarray], np.ndarray]
+  row_axis: int = 0  # the axis of our (one-layer) array that becomes the public leading axis
 
   @property
   def path(self) -> tuple[str, ...]:
@@ -54,9 +55,9 @@ def tensor_maps(cfg: Step1Config) -> list[TensorMap]:
   d, n, k, h, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                       cfg.intermediate_size, cfg.vocab_size)
 
-  def heads_in(count):  # wq/wk/wv [D, count, H] <-> [count*H, D]
-    return (lambda x: x.reshape(d, count * h).T,
-            lambda x: x.T.reshape(d, count, h))
+  def heads_in(count):  # wq/wk/wv [D, count, H] <-> [count*H, D]; rows come from the head axis
+    return (lambda x: x.reshape(d, -1).T,
+            lambda x: x.T.reshape(d, count, h), 1)
 
   maps = [TensorMap("model.embed_tokens.weight", ("embed",), None, (v, d), (v, d), _same, _same)]
   for i in range(cfg.num_layers):
@@ -66,19 +67,19 @@ def tensor_maps(cfg: Step1Config) -> list[TensorMap]:
         ("self_attn.k_proj.weight", ("wk",), (k * h, d), (d, k, h), *heads_in(k)),
         ("self_attn.v_proj.weight", ("wv",), (k * h, d), (d, k, h), *heads_in(k)),
         ("self_attn.o_proj.weight", ("wo",), (d, n * h), (n, h, d),
-         lambda x: x.reshape(n * h, d).T, lambda x: x.T.reshape(n, h, d)),
-        ("mlp.gate_proj.weight", ("w_gate",), (f, d), (d, f), _t, _t),
-        ("mlp.up_proj.weight", ("w_up",), (f, d), (d, f), _t, _t),
-        ("mlp.down_proj.weight", ("w_down",), (d, f), (f, d), _t, _t),
-        ("input_layernorm.weight", ("input_norm", "scale"), (d,), (d,), _same, _same),
+         lambda x: x.reshape(n * h, -1).T, lambda x: x.T.reshape(n, h, d), 2),
+        ("mlp.gate_proj.weight", ("w_gate",), (f, d), (d, f), _t, _t, 1),
+        ("mlp.up_proj.weight", ("w_up",), (f, d), (d, f), _t, _t, 1),
+        ("mlp.down_proj.weight", ("w_down",), (d, f), (f, d), _t, _t, 1),
+        ("input_layernorm.weight", ("input_norm", "scale"), (d,), (d,), _same, _same, 0),
         ("post_attention_layernorm.weight", ("post_attention_norm", "scale"), (d,), (d,), _same,
-         _same),
+         _same, 0),
     ]
-    maps += [TensorMap(p + name, ("layers",) + ours, i, pub, our, fwd, back)
-             for name, ours, pub, our, fwd, back in layer]
+    maps += [TensorMap(p + name, ("layers",) + ours, i, pub, our, fwd, back, axis)
+             for name, ours, pub, our, fwd, back, axis in layer]
   maps.append(TensorMap("model.norm.weight", ("final_norm", "scale"), None, (d,), (d,), _same,
                         _same))
-  maps.append(TensorMap("lm_head.weight", ("lm_head",), None, (v, d), (d, v), _t, _t))
+  maps.append(TensorMap("lm_head.weight", ("lm_head",), None, (v, d), (d, v), _t, _t, 1))
   return maps
 
 
