@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
+# No accelerator here: keep JAX off the TPU runtime that the test extra installs (for AOT checks).
+ACCEL := $(shell ls /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | head -1; command -v nvidia-smi)
+CPU_ONLY := $(if $(ACCEL),,JAX_PLATFORMS=cpu)
 
 .PHONY: demo test bench clean
 
@@ -15,14 +18,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/stepaudio train configs/demo.yaml
+	$(CPU_ONLY) $(BIN)/stepaudio train configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py configs/bench.yaml
-	$(BIN)/python benchmarks/train_step.py configs/bench.yaml model.position_encoding=rope
+	$(CPU_ONLY) $(BIN)/python benchmarks/train_step.py configs/bench.yaml
+	$(CPU_ONLY) $(BIN)/python benchmarks/train_step.py configs/bench.yaml model.position_encoding=rope
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
