@@ -17,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stepaudio_jax.data.config import DataConfig
 from stepaudio_jax.data.synthetic import SyntheticConfig
 from stepaudio_jax.models.step1 import Step1Config
 from stepaudio_jax.models.tokens import TokenLayout
@@ -43,6 +44,7 @@ class RunConfig:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
   def __post_init__(self):
     needed = self.tokens.min_vocab_size(self.vision.enabled)
@@ -100,6 +102,8 @@ def _flat_keys(data, prefix="") -> list[str]:
 
 def _structured(obj) -> dict:
   def plain(v):
+    if dataclasses.is_dataclass(v):  # e.g. data.stages, a list of StageConfig
+      return _structured(v)
     if isinstance(v, enum.Enum):
       return v.value
     if isinstance(v, dict):

@@ -16,6 +16,8 @@ import signal
 import jax
 import numpy as np
 
+from stepaudio_jax.data.loader import GrainLoader, LoaderStateError
+from stepaudio_jax.data.packing import empty_row
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.models.omni import expand_vocabulary
 from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
@@ -102,6 +104,14 @@ def load_batch(source: SyntheticSource, split: int, step: int, global_batch: int
   return jax.tree.map(jax.make_array_from_process_local_data, shardings, local)
 
 
+def make_grain_loader(cfg, eval_step: int | None = None) -> GrainLoader:
+  """The training loader, or (with eval_step) a fresh eval loader on another shuffle that mixes
+  as the stage of that step does."""
+  tc = cfg.train
+  seed = tc.seed + (cfg.data.eval_seed_offset if eval_step is not None else 0)
+  return GrainLoader(cfg.data, cfg.tokens, cfg.vision, tc.seq_len, tc.batch_size, seed, eval_step)
+
+
 def _init_from(cfg, state: ts.TrainState, shardings: ts.TrainState) -> ts.TrainState:
   loaded = {"lm": restore_params(cfg.checkpoint.init_from)["lm"]}
   old_vocab = loaded["lm"]["embed"].shape[0]
@@ -128,7 +138,11 @@ def train(cfg, print_fn=print) -> list[dict]:
   lead = jax.process_index() == 0
   tx = make_optimizer(cfg.optimizer, tc.steps)
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed)
-  row = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
+  loader = make_grain_loader(cfg) if cfg.data.source == "grain" else None
+  if loader is None:
+    row = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
+  else:
+    row = {k: v[None] for k, v in empty_row(tc.seq_len, cfg.tokens, cfg.vision).items()}
   batch_shapes = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), row)
   steps = ts.build_steps(cfg, shard, tx, batch_shapes,
@@ -161,6 +175,25 @@ def train(cfg, print_fn=print) -> list[dict]:
     raise CheckpointError(
         f"checkpoint step {start} carries data iterator state for step {data_state['step']}"
     )
+  if loader is not None and start:
+    if "iterator" not in data_state:
+      raise CheckpointError(
+          f"checkpoint step {start} was written with data.source=synthetic and has no Grain "
+          "iterator state; resume it with data.source=synthetic or start a new train.run_dir")
+    try:
+      loader.set_state(data_state["iterator"])
+    except LoaderStateError as e:
+      raise CheckpointError(f"checkpoint step {start}: {e}") from e
+
+  def data_state_at(step: int) -> dict:
+    """What the checkpoint stores about the data (a collective with the Grain loader)."""
+    return {"step": step} if loader is None else {"step": step, "iterator": loader.get_state()}
+
+  def next_batch(split: int, step: int, grain_loader: GrainLoader | None):
+    if grain_loader is None:
+      return load_batch(source, split, step, tc.batch_size, batch_sh), {}
+    batch = grain_loader.next_batch(batch_sh)
+    return batch, {f"data/{k.replace('/', '_')}": float(v) for k, v in grain_loader.stats().items()}
 
   tokens_per_step = tc.batch_size * tc.seq_len
   peak = device_peak_flops(tc) * jax.device_count()
@@ -170,8 +203,8 @@ def train(cfg, print_fn=print) -> list[dict]:
   pending = None
 
   def fetch(pending):
-    done_step, metrics = pending
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    done_step, metrics, data_stats = pending
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()} | data_stats
     if not math.isfinite(metrics["loss"]):
       raise FloatingPointError(f"loss became {metrics['loss']} at step {done_step}; stopping")
     history.append({"step": done_step, **metrics})
@@ -179,26 +212,31 @@ def train(cfg, print_fn=print) -> list[dict]:
       progress.log_train(done_step, metrics, tokens_per_step)
 
   progress.start(start)
-  step = start
+  step, malformed = start, 0
   with jax.set_mesh(mesh), _StopFlag() as stop:
     while step < tc.steps and not stop.set:
-      batch = load_batch(source, TRAIN_SPLIT, step, tc.batch_size, batch_sh)
+      batch, data_stats = next_batch(TRAIN_SPLIT, step, loader)
+      if lead and data_stats.get("data/malformed", 0) > malformed:
+        malformed = int(data_stats["data/malformed"])
+        print_fn(f"data: {malformed} malformed records skipped so far (this process)", flush=True)
       state, metrics = steps.train(state, batch)
       step += 1
       if pending is not None:
         fetch(pending)
-      pending = (step, metrics)
-      ckpt.save(step, state, {"step": step})
+      pending = (step, metrics, data_stats)
+      if loader is None or ckpt.manager.should_save(step):
+        ckpt.save(step, state, data_state_at(step))
       if tc.eval_every and step % tc.eval_every == 0:
         sums = None
+        eval_loader = make_grain_loader(cfg, eval_step=step) if loader is not None else None
         for i in range(tc.eval_batches):
-          out = steps.eval(state, load_batch(source, EVAL_SPLIT, i, tc.batch_size, batch_sh))
+          out = steps.eval(state, next_batch(EVAL_SPLIT, i, eval_loader)[0])
           sums = out if sums is None else jax.tree.map(np.add, sums, out)
         progress.log_eval(step, {k: float(v) for k, v in loss_lib.finalize(sums).items()})
     if pending is not None:
       fetch(pending)
     if ckpt.manager.latest_step() != step:
-      ckpt.save(step, state, {"step": step}, force=True)
+      ckpt.save(step, state, data_state_at(step), force=True)
     ckpt.wait()  # still under the handler: a second SIGTERM does not cut the save short
   ckpt.close()
   progress.close()

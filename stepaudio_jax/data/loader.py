@@ -1,0 +1,284 @@
+"""Grain loader: shards -> per-task sources -> token-share mixture -> packed rows -> global batch.
+
+Every row of the global batch is its own deterministic stream (`RowStreams`): stream r draws
+the k-th example of a task from index k * global_batch + r of that task's shuffled, endlessly
+repeated records, picks tasks by the deficit rule of mixture.py and packs what fits into one row
+per step. A process builds only its own rows (global rows [p * R, (p + 1) * R)), so the global
+batch does not depend on the process count, and with data.workers = 0 the saved state (per row
+stream) restores onto any process count. With workers > 0, Grain's mp_prefetch runs copies of
+the pipeline in worker processes, each reading a 1/W slice of every task and building every
+W-th batch; that state is per process and worker and restores only onto the same topology.
+"""
+
+import bisect
+import copy
+import glob
+import json
+
+import grain
+import jax
+import numpy as np
+
+from stepaudio_jax.data.config import DataConfig
+from stepaudio_jax.data.mixture import StageSchedule, pick_task
+from stepaudio_jax.data.packing import pack_row, truncate
+from stepaudio_jax.data.records import TASKS, RecordError, decode_checked
+from stepaudio_jax.data.templates import Segment, TemplateContext, render
+from stepaudio_jax.data.tokenizer import make_tokenizer
+from stepaudio_jax.models.tokens import TokenLayout
+from stepaudio_jax.models.vision import VisionConfig
+
+
+class LoaderStateError(RuntimeError):
+  """A saved iterator state that cannot continue on this topology or config."""
+
+
+def resolve_shards(globs: list[str]) -> list[str]:
+  paths = []
+  for pattern in globs:
+    found = sorted(glob.glob(pattern)) if "://" not in pattern else [pattern]
+    if not found:
+      raise FileNotFoundError(f"data.shards pattern {pattern!r} matches no file")
+    paths += found
+  return paths
+
+
+class RecordSource:
+  """Random access over the records of several ArrayRecord shards, with where each came from."""
+
+  def __init__(self, paths: list[str]):
+    self.paths = paths
+    self._shards = [grain.sources.ArrayRecordDataSource([p]) for p in paths]
+    self._starts = np.cumsum([0] + [len(s) for s in self._shards]).tolist()
+    if self._starts[-1] == 0:
+      raise ValueError(f"shards {paths} hold no records")
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def __getitem__(self, index: int) -> tuple[str, bytes]:
+    shard = bisect.bisect_right(self._starts, index) - 1
+    local = index - self._starts[shard]
+    return f"shard {self.paths[shard]} record {local}", self._shards[shard][local]
+
+
+class _Render:
+  """Map step: decode, validate and template one record (None = malformed and skipped)."""
+
+  def __init__(self, ctx: TemplateContext, skip_malformed: bool):
+    self.ctx, self.skip = ctx, skip_malformed
+
+  def __call__(self, item: tuple[str, bytes]) -> Segment | None:
+    where, data = item
+    try:
+      return render(decode_checked(data, self.ctx.layout, where), self.ctx)
+    except RecordError:
+      if self.skip:
+        return None
+      raise
+
+
+def _new_stream() -> dict:
+  return {"row": 0, "stage": 0, "draws": {t: 0 for t in TASKS}, "emitted": {t: 0 for t in TASKS},
+          "pending": [], "packed": {t: 0 for t in TASKS}, "malformed": 0, "truncated": 0}
+
+
+class RowStreams(grain.IterDataset):
+  """One packed row per stream per step for the global rows `rows` (see module docstring)."""
+
+  def __init__(self, components: dict[str, grain.MapDataset], rows: range, global_batch: int,
+               seq_len: int, schedule: StageSchedule, layout: TokenLayout, vision: VisionConfig,
+               lookahead: int, fixed_step: int | None = None):
+    super().__init__(list(components.values()))
+    self.components, self.rows, self.global_batch = components, rows, global_batch
+    self.seq_len, self.schedule, self.layout, self.vision = seq_len, schedule, layout, vision
+    self.lookahead, self.fixed_step = lookahead, fixed_step
+    self.worker, self.workers = 0, 1
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """Called by mp_prefetch in worker w of W with slice(w, None, W)."""
+    self.worker, self.workers = sl.start or 0, sl.step or 1
+    self.components = {t: c.slice(sl) for t, c in self.components.items()}
+
+  def __iter__(self):
+    return _RowStreamsIterator(self)
+
+
+class _RowStreamsIterator(grain.DatasetIterator):
+  def __init__(self, ds: RowStreams):
+    super().__init__()
+    self.ds = ds
+    self.streams = {r: _new_stream() for r in ds.rows}
+    # Waiting segments by stream and (task, draw); rebuilt from the state after a restore.
+    self._waiting: dict[int, dict[tuple[str, int], Segment]] = {}
+
+  def _fetch(self, r: int, task: str, draw: int, first: bool = False) -> Segment | None:
+    """Draw `draw` of `task` for stream r, cut to one row; `first` counts the cut."""
+    seg = self.ds.components[task][draw * self.ds.global_batch + r]
+    if seg is not None and len(seg) > self.ds.seq_len:
+      self.streams[r]["truncated"] += first
+      seg = truncate(seg, self.ds.seq_len)
+    return seg
+
+  def _row(self, r: int, st: dict) -> dict[str, np.ndarray]:
+    """First fit: waiting segments in order, then new draws; a draw that does not fit waits,
+    and the row closes when it is full or `lookahead` segments wait. A row holding
+    vision.max_images_per_sequence images draws no more images (the image share is then
+    capped by that limit: size it for the mixture)."""
+    ds = self.ds
+    step = ds.fixed_step if ds.fixed_step is not None else st["row"] * ds.workers + ds.worker
+    stage = ds.schedule.stage_at(step)
+    if stage != st["stage"]:
+      st["stage"], st["emitted"] = stage, {t: 0 for t in TASKS}
+    weights = ds.schedule.weights[stage]
+    cache = self._waiting.setdefault(r, {})
+    segs, used, images, waiting = [], 0, 0, []
+
+    def place(task, draw, seg) -> bool:
+      nonlocal used, images
+      if used + len(seg) > ds.seq_len or (
+          seg.image is not None and images >= ds.vision.max_images_per_sequence):
+        waiting.append([task, draw])
+        cache[(task, draw)] = seg
+        return False
+      segs.append(seg)
+      used, images = used + len(seg), images + (seg.image is not None)
+      st["packed"][task] += len(seg)
+      cache.pop((task, draw), None)
+      return True
+
+    for task, draw in st["pending"]:
+      seg = cache.get((task, draw)) or self._fetch(r, task, draw)
+      place(task, draw, seg)
+    while used < ds.seq_len and len(waiting) < ds.lookahead:
+      full = images >= ds.vision.max_images_per_sequence
+      task = pick_task(weights, st["emitted"], exclude=("image_text",) if full else ())
+      if task is None:
+        break
+      draw = st["draws"][task]
+      st["draws"][task] += 1
+      seg = self._fetch(r, task, draw, first=True)
+      if seg is None:
+        st["malformed"] += 1
+        continue
+      st["emitted"][task] += len(seg)
+      place(task, draw, seg)
+    st["pending"] = waiting
+    st["row"] += 1
+    return pack_row(segs, ds.seq_len, ds.layout, ds.vision)
+
+  def __next__(self) -> dict:
+    rows = [self._row(r, st) for r, st in self.streams.items()]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    stats = {f"tokens/{t}": sum(st["packed"][t] for st in self.streams.values()) for t in TASKS}
+    stats["malformed"] = sum(st["malformed"] for st in self.streams.values())
+    stats["truncated"] = sum(st["truncated"] for st in self.streams.values())
+    stats["stage"] = max(st["stage"] for st in self.streams.values())
+    batch["stats"] = {"worker": self.ds.worker, **stats}
+    return batch
+
+  def get_state(self) -> dict:
+    return {"streams": {str(r): copy.deepcopy(st) for r, st in self.streams.items()}}
+
+  def set_state(self, state: dict) -> None:
+    self.streams = {r: copy.deepcopy(state["streams"][str(r)]) for r in self.ds.rows}
+    self._waiting = {}
+
+
+def _allgather_json(obj) -> list:
+  """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[: raw.size] = raw
+  everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(everything[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+class GrainLoader:
+  """This process's rows of every global batch, plus a checkpointable iterator state."""
+
+  def __init__(self, data: DataConfig, layout: TokenLayout, vision: VisionConfig, seq_len: int,
+               global_batch: int, seed: int, fixed_step: int | None = None):
+    procs, me = jax.process_count(), jax.process_index()
+    if global_batch % procs:
+      raise ValueError(f"train.batch_size={global_batch} is not divisible by {procs} processes")
+    schedule = StageSchedule(data.stages, global_batch * seq_len)
+    if not vision.enabled and any(w["image_text"] > 0 for w in schedule.weights):
+      raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
+    ctx = TemplateContext(layout, vision, make_tokenizer(data.tokenizer_model, layout),
+                          data.codebooks, data.asr_prompt, data.tts_prompt)
+    render_fn = _Render(ctx, data.skip_malformed)
+    live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
+    components = {}
+    for i, task in enumerate(live):
+      src = grain.MapDataset.source(RecordSource(resolve_shards(data.shards[task])))
+      components[task] = src.shuffle(seed=seed * 1009 + i).repeat(None).map(render_fn)
+    per = global_batch // procs
+    ds = RowStreams(components, range(me * per, (me + 1) * per), global_batch, seq_len, schedule,
+                    layout, vision, data.pack_lookahead, fixed_step)
+    if data.workers:
+      from absl import flags  # grain's workers read absl flags, which must count as parsed
+
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
+    self.data, self.seq_len, self.global_batch = data, seq_len, global_batch
+    self._it = iter(ds)
+    self._stats: dict[int, dict] = {}
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    stats = batch.pop("stats")
+    self._stats[stats.pop("worker")] = stats
+    return batch
+
+  def next_batch(self, shardings) -> dict[str, jax.Array]:
+    """The next global batch; each process contributes only its rows."""
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, self.next_local())
+
+  def stats(self) -> dict[str, float]:
+    """Cumulative counts of this process: packed tokens per task, malformed (skipped) records,
+    truncated examples, and the current stage."""
+    out: dict[str, float] = {}
+    for s in self._stats.values():
+      for k, v in s.items():
+        out[k] = max(out.get(k, 0), v) if k == "stage" else out.get(k, 0) + v
+    return out
+
+  def _header(self) -> dict:
+    return {"global_batch": self.global_batch, "seq_len": self.seq_len,
+            "workers": self.data.workers, "process_count": jax.process_count()}
+
+  def get_state(self) -> dict:
+    """JSON-able state of every process's iterator (a collective when there are several)."""
+    states = _allgather_json(self._it.get_state())
+    if self.data.workers:
+      return {**self._header(), "processes": states}
+    return {**self._header(), "streams": {k: v for s in states for k, v in s["streams"].items()}}
+
+  def set_state(self, state: dict) -> None:
+    have = self._header()
+    for key in ("global_batch", "seq_len", "workers"):
+      if state[key] != have[key]:
+        raise LoaderStateError(
+            f"the data iterator was saved with {key}={state[key]}, this run has {have[key]}: "
+            "the batches would differ. Resume with the same train.batch_size, train.seq_len and "
+            "data.workers, or start a new train.run_dir.")
+    if self.data.workers:
+      if state["process_count"] != have["process_count"]:
+        raise LoaderStateError(
+            f"the data iterator was saved by {state['process_count']} processes with "
+            f"data.workers={state['workers']} and this run has {have['process_count']} "
+            "processes: with workers, each process's Grain worker pool holds its own share of "
+            "the row streams, which cannot be re-split. Resume on "
+            f"{state['process_count']} processes; to change the process count, train with "
+            "data.workers=0 (per-row state restores onto any process count).")
+      self._it.set_state(state["processes"][jax.process_index()])
+    else:
+      self._it.set_state({"streams": state["streams"]})
+    self._stats = {}
