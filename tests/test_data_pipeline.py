@@ -154,7 +154,7 @@ def test_token_shares_converge_to_the_configured_ones(shards):
   packed = {t: stats[f"tokens/{t}"] for t in records.TASKS}
   total = sum(packed.values())
   want = STAGE3.task_weights()
-  errors = {t: packed[t] / total / want[t] - 1 for t in records.TASKS}
+  errors = {t: packed[t] / total / want[t] - 1 for t in records.TASKS if want[t]}
   assert max(abs(e) for e in errors.values()) < 0.02, errors  # relative error of every share
   assert stats["truncated"] == 0 and stats["malformed"] == 0
   assert pad < 0.05  # first-fit packing leaves under 5% padding

@@ -1,16 +1,18 @@
 """The `data` section of the run config: which source, which shards, which mixture when.
 
 `source: synthetic` (the default) keeps the deterministic synthetic batches; `source: grain`
-reads ArrayRecord shards of `records.Example`s, mixes them per stage and packs them.
+reads ArrayRecord shards of `records.Example`s, mixes them per stage and packs them. The text
+component may instead read a registered seqio Task (`seqio_task`, seqio_source.py).
 """
 
 import dataclasses
 
 from stepaudio_jax.data.records import TASKS
 
-AUDIO_TASKS = ("audio_continuation", "audio_text_interleaved", "asr", "tts")
+AUDIO_TASKS = ("audio_continuation", "audio_text_interleaved", "asr", "tts", "aqta")
 MODALITY_OF_TASK = {"text": "text", "image_text": "image", **{t: "audio" for t in AUDIO_TASKS}}
 CODEBOOKS = ("dual", "semantic", "linguistic")
+SEQIO_IDS = ("retokenize", "task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,9 @@ class StageConfig:
 
   Modality weights split the stage's tokens into audio:text:image; the audio task weights split
   the audio share between the audio tasks (report: stage 1 continuation only, stage 2
-  continuation:interleaved 1:1, stage 3 continuation:interleaved:ASR:TTS 1:1:1:1).
+  continuation:interleaved 1:1, stage 3 continuation:interleaved:ASR:TTS 1:1:1:1). `aqta`
+  (audio question, text answer) is the AQTA SFT data, e.g. a stage with audio: 1, text: 0,
+  image: 0, continuation: 0, aqta: 1.
   """
 
   tokens: float = 0.0  # training tokens (batch x seq_len per step) in this stage; 0 = to the end
@@ -30,6 +34,7 @@ class StageConfig:
   interleaved: float = 0.0
   asr: float = 0.0
   tts: float = 0.0
+  aqta: float = 0.0
 
   def __post_init__(self):
     if self.tokens < 0 or min(self.modality_weights().values()) < 0:
@@ -41,7 +46,8 @@ class StageConfig:
     return {"audio": self.audio, "text": self.text, "image": self.image}
 
   def audio_task_weights(self) -> dict[str, float]:
-    return dict(zip(AUDIO_TASKS, (self.continuation, self.interleaved, self.asr, self.tts)))
+    return dict(zip(AUDIO_TASKS,
+                    (self.continuation, self.interleaved, self.asr, self.tts, self.aqta)))
 
   def task_weights(self) -> dict[str, float]:
     """Token share of every task (summing to 1 over the tasks with a positive share)."""
@@ -74,6 +80,14 @@ class DataConfig:
   asr_prompt: str = "Transcribe the speech."  # ASR system prompt
   # TTS system prompt; {speaker} comes from the example's metadata
   tts_prompt: str = "Speaker {speaker}; tags: emotion, language, dialect, style, speed."
+  aqta_prompt: str = "You are a helpful voice assistant. Answer the user in text."
+  # A registered seqio Task read as the text component instead of shards["text"] (needs the
+  # `seqio` extra): its split's `seqio_feature`, ids re-encoded with our tokenizer or kept.
+  seqio_task: str = ""
+  seqio_module: str = ""  # module imported first, to register the Task (e.g. my_project.tasks)
+  seqio_split: str = "train"
+  seqio_feature: str = "targets"
+  seqio_ids: str = "retokenize"  # retokenize (decode, encode with ours) | task (keep its ids)
   eval_seed_offset: int = 1_000_003  # eval rows come from another shuffle of the same shards
 
   def __post_init__(self):
@@ -85,6 +99,10 @@ class DataConfig:
       raise ValueError("data.pack_lookahead must be >= 1")
     if self.workers < 0:
       raise ValueError("data.workers must be >= 0")
+    if self.seqio_ids not in SEQIO_IDS:
+      raise ValueError(f"data.seqio_ids must be one of {SEQIO_IDS}, got {self.seqio_ids!r}")
+    if self.seqio_task and self.shards.get("text"):
+      raise ValueError("data.seqio_task replaces data.shards.text; set only one of them")
     unknown = set(self.shards) - set(TASKS)
     if unknown:
       raise ValueError(f"data.shards has unknown tasks {sorted(unknown)}; tasks are {TASKS}")
@@ -93,6 +111,6 @@ class DataConfig:
     if self.source == "grain":
       for i, stage in enumerate(self.stages):
         for task, w in stage.task_weights().items():
-          if w > 0 and not self.shards.get(task):
+          if w > 0 and not self.shards.get(task) and not (task == "text" and self.seqio_task):
             raise ValueError(f"data.stages[{i}] gives task {task!r} a share but data.shards has "
                              f"no {task} globs; add them or set its weight to 0")

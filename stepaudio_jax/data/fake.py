@@ -17,7 +17,7 @@ def random_example(task: str, rng: np.random.Generator, layout: TokenLayout,
     return rng.integers(0, size, count).astype(np.int32)
 
   empty = np.zeros(0, np.int32)
-  chunks = 2 if task == "audio_text_interleaved" else 1
+  chunks = {"audio_text_interleaved": 2, "aqta": 4}.get(task, 1)
   text = [codes(layout.text_vocab_size - 16, n) + 16 for _ in range(chunks)]
   ling = [codes(layout.linguistic_codes, 2 * n // 3) for _ in range(chunks)]
   sem = [codes(layout.semantic_codes, n) for _ in range(chunks)]
@@ -26,6 +26,9 @@ def random_example(task: str, rng: np.random.Generator, layout: TokenLayout,
   if task in ("audio_continuation", "image_text"):
     text = [empty] if task == "audio_continuation" else text
     ling, sem = ([empty], [empty]) if task == "image_text" else (ling, sem)
+  if task == "aqta":  # a text exchange, then the spoken question and the text answer
+    text[2] = empty
+    ling, sem = [empty, empty, ling[2], empty], [empty, empty, sem[2], empty]
   image = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8) if task == "image_text" else None
   meta = {"speaker": "spk0", "emotion": "happy 1", "speed": "slow 1"} if task == "tts" else {}
   return Example(task, text, ling, sem, image, meta)

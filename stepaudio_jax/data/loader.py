@@ -23,6 +23,7 @@ from stepaudio_jax.data.config import DataConfig
 from stepaudio_jax.data.mixture import StageSchedule, pick_task
 from stepaudio_jax.data.packing import pack_row, truncate
 from stepaudio_jax.data.records import TASKS, RecordError, decode_checked
+from stepaudio_jax.data.seqio_source import SeqioTextSource
 from stepaudio_jax.data.templates import Segment, TemplateContext, render
 from stepaudio_jax.data.tokenizer import make_tokenizer
 from stepaudio_jax.models.tokens import TokenLayout
@@ -211,12 +212,17 @@ class GrainLoader:
     if not vision.enabled and any(w["image_text"] > 0 for w in schedule.weights):
       raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
     ctx = TemplateContext(layout, vision, make_tokenizer(data.tokenizer_model, layout),
-                          data.codebooks, data.asr_prompt, data.tts_prompt)
+                          data.codebooks, data.asr_prompt, data.tts_prompt, data.aqta_prompt)
     render_fn = _Render(ctx, data.skip_malformed)
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
     components = {}
     for i, task in enumerate(live):
-      src = grain.MapDataset.source(RecordSource(resolve_shards(data.shards[task])))
+      if task == "text" and data.seqio_task:
+        source = SeqioTextSource(data.seqio_task, data.seqio_split, data.seqio_feature,
+                                 data.seqio_ids, ctx.tokenizer, data.seqio_module)
+      else:
+        source = RecordSource(resolve_shards(data.shards[task]))
+      src = grain.MapDataset.source(source)
       components[task] = src.shuffle(seed=seed * 1009 + i).repeat(None).map(render_fn)
     per = global_batch // procs
     ds = RowStreams(components, range(me * per, (me + 1) * per), global_batch, seq_len, schedule,

@@ -19,7 +19,8 @@ import numpy as np
 from stepaudio_jax.models.tokens import TokenLayout
 
 FORMAT_VERSION = 1
-TASKS = ("text", "audio_continuation", "audio_text_interleaved", "asr", "tts", "image_text")
+TASKS = ("text", "audio_continuation", "audio_text_interleaved", "asr", "tts", "image_text",
+         "aqta")
 
 
 class RecordError(ValueError):
@@ -31,7 +32,10 @@ class Example:
   """One training example before templating.
 
   Chunks: for "audio_text_interleaved" chunk i pairs text[i] with audio (linguistic[i],
-  semantic[i]); every other task has exactly one chunk (empty arrays where absent).
+  semantic[i]). "aqta" holds the dialogue's turns, human and assistant alternately: text-only
+  history turns, then the spoken question (audio only), then the answer (text only). "tts" has
+  one chunk (text, its speech) or two: a voice prompt (prompt text, prompt speech), then the
+  target. Every other task has exactly one chunk (empty arrays where absent).
   """
 
   task: str
@@ -102,6 +106,29 @@ def decode(data: bytes) -> Example:
   )
 
 
+def task_of(example: Example) -> str:
+  """The task an example trains: records written before "aqta" existed store AQTA pairs as
+  audio_text_interleaved with metadata kind="aqta" (the committed corpus does), and are AQTA."""
+  if example.task == "audio_text_interleaved" and example.metadata.get("kind") == "aqta":
+    return "aqta"
+  return example.task
+
+
+def _check_aqta(example: Example) -> None:
+  n = len(example.text)
+  if n < 2 or n % 2:
+    raise RecordError(f"aqta needs an even number of chunks >= 2 (turns human, assistant, ..., "
+                      f"question, answer), got {n}")
+  for i, (text, ling, sem) in enumerate(zip(example.text, example.linguistic, example.semantic)):
+    if i == n - 2:
+      if text.size or not (ling.size or sem.size):
+        raise RecordError(f"aqta chunk {i} is the spoken question: audio and no text")
+    elif ling.size or sem.size:
+      raise RecordError(f"aqta chunk {i} is a text turn but holds audio")
+  if not example.text[-1].size:
+    raise RecordError("aqta's last chunk (the answer) has no text")
+
+
 def _check_codes(name: str, arrays: Sequence[np.ndarray], limit: int | None) -> None:
   for i, a in enumerate(arrays):
     if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
@@ -121,14 +148,19 @@ def validate(example: Example, layout: TokenLayout | None = None) -> Example:
   if not (len(example.linguistic) == len(example.semantic) == n):
     raise RecordError(f"chunk counts differ: text {n}, linguistic {len(example.linguistic)}, "
                       f"semantic {len(example.semantic)}")
-  if example.task == "audio_text_interleaved":
+  if example.task in ("audio_text_interleaved", "aqta"):
     if n < 1:
-      raise RecordError("audio_text_interleaved needs at least one chunk")
+      raise RecordError(f"{example.task} needs at least one chunk")
+  elif example.task == "tts":
+    if n not in (1, 2):
+      raise RecordError(f"tts has one chunk (target) or two (prompt, target), got {n}")
   elif n != 1:
     raise RecordError(f"task {example.task!r} has exactly one chunk, got {n}")
   _check_codes("text", example.text, layout and layout.text_vocab_size)
   _check_codes("linguistic", example.linguistic, layout and layout.linguistic_codes)
   _check_codes("semantic", example.semantic, layout and layout.semantic_codes)
+  if task_of(example) == "aqta":
+    _check_aqta(example)
   img = example.image
   if example.task == "image_text":
     if img is None:

@@ -2,14 +2,19 @@
 
 A segment is one packed document: `tokens` (inputs), `targets` (next tokens) and `types`, the
 TokenType of each target, PAD where the target is not learned (so loss_mask = types != PAD).
+Turns are `<|BOT|>{role}\\n{body}<|EOT|>`; a learned body is learned with its <|EOT|>.
 
   text                   <bos> text <eos>                                    loss: all
   audio_continuation     <bos> audio <eos>                                   loss: audio, eos
   audio_text_interleaved <bos> text_0 audio_0 text_1 audio_1 ... <eos>       loss: all
-  asr    <bos><|BOT|>system\\n{asr_prompt}<|EOT|><|BOT|>human\\n{audio}<|EOT|>
-         <|BOT|>assistant\\n{transcript}<|EOT|>                               loss: transcript, EOT
-  tts    <bos><|BOT|>system\\n{tts_prompt}<|EOT|><|BOT|>human\\n({tag})...{text}<|EOT|>
-         <|BOT|>assistant\\n{audio}<|EOT|>                                    loss: audio, EOT
+  asr   <bos> system: {asr_prompt}  human: {audio}  assistant: {transcript}  loss: transcript
+  tts   <bos> system: {tts_prompt}  human: ({tag})...{text}  assistant: {audio}
+                                                                             loss: audio
+  tts with a voice prompt (two chunks; report section 5.1.2):
+        <bos> system: {tts_prompt}  human: {prompt text}  assistant: {prompt audio}
+              human: ({tag})...{target text}  assistant: {target audio}       loss: target audio
+  aqta  <bos> system: {aqta_prompt}  human: {text}  assistant: {text} ...  (history, as text)
+              human: {question audio}  assistant: {answer}                   loss: answer
   image_text  <bos> <image placeholder> x tokens_per_image caption <eos>     loss: caption, eos
 """
 
@@ -19,13 +24,14 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from stepaudio_jax.data.interleave import interleave
-from stepaudio_jax.data.records import Example
+from stepaudio_jax.data.records import Example, task_of
 from stepaudio_jax.data.tokenizer import Tokenizer
 from stepaudio_jax.models.tokens import TokenLayout, TokenType
 from stepaudio_jax.models.vision import VisionConfig
 
-# Metadata keys whose values become TTS instruction tags, in this order, e.g. "(happy 1)".
-TAG_KEYS = ("emotion", "language", "dialect", "style", "speed", "instruction")
+# Metadata keys whose values become TTS instruction tags, in this order, e.g. "(happy 1)", when
+# the example has no ready-made `instruction` prefix such as "(Cantonese)(fast 1)".
+TAG_KEYS = ("emotion", "language", "dialect", "style", "speed")
 
 
 @dataclasses.dataclass
@@ -48,6 +54,7 @@ class TemplateContext:
   codebooks: str = "dual"
   asr_prompt: str = "Transcribe the speech."
   tts_prompt: str = "Speaker {speaker}; tags: emotion, language, dialect, style, speed."
+  aqta_prompt: str = "You are a helpful voice assistant. Answer the user in text."
 
 
 class _Builder:
@@ -96,41 +103,75 @@ def _image_pixels(image: np.ndarray, vision: VisionConfig) -> np.ndarray:
 
 
 def tts_tags(metadata: dict) -> str:
-  return "".join(f"({metadata[k]})" for k in TAG_KEYS if metadata.get(k) not in (None, ""))
+  """The instruction prefix of a TTS target: metadata["instruction"] when present (the corpus
+  writes the whole prefix, e.g. "(English)(slow 1)"; a bare "RAP" becomes "(RAP)"), else one
+  "(value)" per TAG_KEYS entry; normal speed and a dialect repeating the language are no tags."""
+  instruction = str(metadata.get("instruction", ""))
+  if instruction:
+    return instruction if instruction.startswith("(") else f"({instruction})"
+  tags = []
+  for k in TAG_KEYS:
+    v = str(metadata.get(k, ""))
+    if v and v != "normal" and v.lower() not in (t.lower() for t in tags):
+      tags.append(v)
+  return "".join(f"({t})" for t in tags)
+
+
+def _tts(b: _Builder, ex: Example, ctx: TemplateContext) -> None:
+  """System prompt, then an optional voice prompt exchange (not learned), then the target."""
+  speaker = str(ex.metadata.get("speaker", "default"))
+  b.turn("system", lambda: b.text(ctx.tts_prompt.format(speaker=speaker)), learn_body=False)
+  if len(ex.text) == 2:
+    b.turn("human", lambda: b.add(ex.text[0], TokenType.PAD), learn_body=False)
+    b.turn("assistant", lambda: b.audio(ex.linguistic[0], ex.semantic[0], learn=False),
+           learn_body=False)
+  b.turn("human", lambda: (b.text(tts_tags(ex.metadata)), b.add(ex.text[-1], TokenType.PAD)),
+         learn_body=False)
+  b.turn("assistant", lambda: b.audio(ex.linguistic[-1], ex.semantic[-1], learn=True),
+         learn_body=True)
+
+
+def _aqta(b: _Builder, ex: Example, ctx: TemplateContext) -> None:
+  """Text history turns, the spoken question, then the answer: the only learned turn."""
+  b.turn("system", lambda: b.text(ctx.aqta_prompt), learn_body=False)
+  for i, said in enumerate(ex.text[:-2]):
+    b.turn(("human", "assistant")[i % 2], lambda t=said: b.add(t, TokenType.PAD), learn_body=False)
+  b.turn("human", lambda: b.audio(ex.linguistic[-2], ex.semantic[-2], learn=False),
+         learn_body=False)
+  b.turn("assistant", lambda: b.add(ex.text[-1], TokenType.TEXT), learn_body=True)
 
 
 def render(ex: Example, ctx: TemplateContext) -> Segment:
   """One example in its task's format (module docstring), with the loss it needs."""
-  b, lay = _Builder(ctx), ctx.layout
+  b, lay, task = _Builder(ctx), ctx.layout, task_of(ex)
   text, ling, sem = ex.text, ex.linguistic, ex.semantic
-  if ex.task == "text":
+  if task == "text":
     b.add(text[0], TokenType.TEXT)
-  elif ex.task == "audio_continuation":
+  elif task == "audio_continuation":
     b.audio(ling[0], sem[0], learn=True)
-  elif ex.task == "audio_text_interleaved":
+  elif task == "audio_text_interleaved":
     for t, l, s in zip(text, ling, sem):
       b.add(t, TokenType.TEXT)
       b.audio(l, s, learn=True)
-  elif ex.task == "asr":
+  elif task == "asr":
     b.turn("system", lambda: b.text(ctx.asr_prompt), learn_body=False)
     b.turn("human", lambda: b.audio(ling[0], sem[0], learn=False), learn_body=False)
     b.turn("assistant", lambda: b.add(text[0], TokenType.TEXT), learn_body=True)
-    return b.segment(ex.task)
-  elif ex.task == "tts":
-    speaker = str(ex.metadata.get("speaker", "default"))
-    b.turn("system", lambda: b.text(ctx.tts_prompt.format(speaker=speaker)), learn_body=False)
-    b.turn("human", lambda: (b.text(tts_tags(ex.metadata)), b.add(text[0], TokenType.PAD)),
-           learn_body=False)
-    b.turn("assistant", lambda: b.audio(ling[0], sem[0], learn=True), learn_body=True)
-    return b.segment(ex.task)
-  elif ex.task == "image_text":
+    return b.segment(task)
+  elif task == "tts":
+    _tts(b, ex, ctx)
+    return b.segment(task)
+  elif task == "aqta":
+    _aqta(b, ex, ctx)
+    return b.segment(task)
+  elif task == "image_text":
     if not ctx.vision.enabled:
       raise ValueError("image_text examples need vision.enabled=true")
     b.add(np.full(ctx.vision.tokens_per_image, lay.image_placeholder_id), TokenType.PAD)
     b.add(text[0], TokenType.IMAGE_CAPTION)
     b.add([lay.eos_id], TokenType.TEXT)
-    return b.segment(ex.task, _image_pixels(ex.image, ctx.vision))
+    return b.segment(task, _image_pixels(ex.image, ctx.vision))
   else:
-    raise ValueError(f"unknown task {ex.task!r}")
+    raise ValueError(f"unknown task {task!r}")
   b.add([lay.eos_id], TokenType.TEXT)
-  return b.segment(ex.task)
+  return b.segment(task)
