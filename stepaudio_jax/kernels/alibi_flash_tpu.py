@@ -133,19 +133,25 @@ def _cost(st, q, k, v, matmuls, passes):
       bytes_accessed=int(2 * nbytes))
 
 
-def _forward(st, q, k, v, seg, pos, slopes):
+def _query_major_specs(st, q, k):
+  """Grid (batch, head, query block, key block) and its specs, shared by forward and dq."""
   b, n, t, hd = q.shape
   groups = n // k.shape[1]
-  nq, nk = t // st.bq, t // st.bk
   kmap = ((lambda b_, h, i, j: jnp.minimum(j, layout.last_live_k_block(i, st.bq, st.bk)))
           if st.causal else (lambda b_, h, i, j: j))
   q_spec = pl.BlockSpec((None, None, st.bq, hd), lambda b_, h, i, j: (b_, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, st.bk, hd),
                          lambda b_, h, i, j: (b_, h // groups, kmap(b_, h, i, j), 0))
-  lse_spec = pl.BlockSpec((None, None, st.bq, 1), lambda b_, h, i, j: (b_, h, i, 0))
+  row_spec = pl.BlockSpec((None, None, st.bq, 1), lambda b_, h, i, j: (b_, h, i, 0))
+  return (b, n, t // st.bq, t // st.bk), kmap, q_spec, kv_spec, row_spec
+
+
+def _forward(st, q, k, v, seg, pos, slopes):
+  b, n, t, hd = q.shape
+  grid, kmap, q_spec, kv_spec, lse_spec = _query_major_specs(st, q, k)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
-      grid=(b, n, nq, nk),
+      grid=grid,
       in_specs=_side_specs(st, lambda b_, h, i, j: i, kmap) + [q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, lse_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -160,23 +166,15 @@ def _forward(st, q, k, v, seg, pos, slopes):
 
 
 def _backward_dq(st, q, k, v, seg, pos, slopes, do, lse, di):
-  b, n, t, hd = q.shape
-  groups = n // k.shape[1]
-  nq, nk = t // st.bq, t // st.bk
-  kmap = ((lambda b_, h, i, j: jnp.minimum(j, layout.last_live_k_block(i, st.bq, st.bk)))
-          if st.causal else (lambda b_, h, i, j: j))
-  q_spec = pl.BlockSpec((None, None, st.bq, hd), lambda b_, h, i, j: (b_, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, st.bk, hd),
-                         lambda b_, h, i, j: (b_, h // groups, kmap(b_, h, i, j), 0))
-  row_spec = pl.BlockSpec((None, None, st.bq, 1), lambda b_, h, i, j: (b_, h, i, 0))
+  grid, kmap, q_spec, kv_spec, row_spec = _query_major_specs(st, q, k)
   return pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
-      grid=(b, n, nq, nk),
+      grid=grid,
       in_specs=_side_specs(st, lambda b_, h, i, j: i, kmap)
       + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((st.bq, hd), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((st.bq, q.shape[3]), jnp.float32)],
       compiler_params=_params(3, 1),
       interpret=st.interpret,
       cost_estimate=_cost(st, q, k, v, 3, 1),
