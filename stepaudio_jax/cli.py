@@ -6,6 +6,12 @@ import logging
 import os
 import sys
 
+from stepaudio_jax.launch import FLAGS as LAUNCH_FLAGS
+from stepaudio_jax.launch import LaunchError, add_flags, initialize_distributed
+
+# Commands that may run as one process of a multi-process job (every process runs the same one).
+DISTRIBUTED_COMMANDS = ("train", "export", "score", "aot")
+
 
 def _train(args) -> int:
   import jax
@@ -13,7 +19,8 @@ def _train(args) -> int:
   from stepaudio_jax.config import dump_config, load_config
   from stepaudio_jax.training.trainer import train
 
-  cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+  cfg = load_config(args.config, args.overrides, num_devices=jax.device_count(),
+                    num_processes=jax.process_count())
   os.makedirs(cfg.train.run_dir, exist_ok=True)
   if jax.process_index() == 0:
     dump_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
   p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")
   p.set_defaults(fn=_aot)
   _add_export_commands(sub)
+  for name in DISTRIBUTED_COMMANDS:
+    add_flags(sub.choices[name])
   args, extra = parser.parse_known_args(argv)
   if extra:  # argparse leaves `key=value` after an option (`import A B --config C k=v`) over
     if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
@@ -141,8 +150,10 @@ def main(argv=None) -> int:
   from stepaudio_jax.training.checkpoint import CheckpointError
 
   try:
+    if args.command in DISTRIBUTED_COMMANDS:  # before anything asks JAX for devices
+      initialize_distributed({k: getattr(args, k) for k in LAUNCH_FLAGS})
     return args.fn(args)
-  except (ConfigError, CheckpointError, ExportError) as e:
+  except (ConfigError, CheckpointError, ExportError, LaunchError) as e:
     print(f"stepaudio {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -117,7 +117,8 @@ def _structured(obj) -> dict:
 
 
 def load_config(
-    path: str, overrides: Sequence[str] = (), num_devices: int | None = None
+    path: str, overrides: Sequence[str] = (), num_devices: int | None = None,
+    num_processes: int = 1,
 ) -> RunConfig:
   """Load, merge and validate; with num_devices, also check that the mesh fits them."""
   layers = _layers(path)
@@ -150,6 +151,10 @@ def load_config(
       cfg.mesh.shape(num_devices)
     except ValueError as e:
       raise ConfigError(_explain("mesh", e, provenance)) from e
+  if cfg.train.batch_size % num_processes:
+    raise ConfigError(_explain("train", ValueError(
+        f"batch_size={cfg.train.batch_size} does not divide over {num_processes} processes "
+        "(each loads its own rows); make it a multiple of the process count"), provenance))
   return cfg
 
 

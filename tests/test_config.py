@@ -64,6 +64,12 @@ def test_mesh_must_divide_devices():
     load_config("configs/tiny.yaml", ["mesh.data=3"], num_devices=8)
 
 
+def test_batch_must_divide_over_processes():
+  with pytest.raises(ConfigError, match=r"batch_size=8 does not divide over 3 processes.*"
+                                        r"train.batch_size set in configs/tiny.yaml"):
+    load_config("configs/tiny.yaml", num_processes=3)
+
+
 def test_cross_section_checks():
   with pytest.raises(ConfigError, match="model.vocab_size=400 is below"):
     load_config("configs/tiny.yaml", ["model.vocab_size=400"])
