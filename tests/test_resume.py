@@ -46,12 +46,20 @@ def test_resume_continues_with_the_same_losses(tmp_path):
   assert "starting at step 0" in out
   resumed, out = _train(tmp_path / "cut", f"train.steps={2 * K}", f"checkpoint.every={K}")
   assert f"at step {K}" in out and "starting at step 0" not in out, out
+  assert "WARNING" not in out  # decay_steps is pinned: the schedule does not move
   assert [h["step"] for h in resumed] == list(range(K + 1, 2 * K + 1))
   # Same mesh, same compiled step, restored bit-exact state: every metric matches to float32
   # rounding (measured: bitwise equal).
   for a, b in zip(full[K:], resumed):
     for name in ("loss", "grad_norm", "update_norm", "param_norm", "learning_rate"):
       np.testing.assert_allclose(b[name], a[name], rtol=1e-6, err_msg=f"{name} step {a['step']}")
+
+
+def test_resume_with_a_run_length_that_moves_the_schedule_warns(tmp_path):
+  unpinned = ["optimizer.decay_steps=0", f"checkpoint.every={K}"]
+  _train(tmp_path, f"train.steps={K}", *unpinned)
+  _, out = _train(tmp_path, f"train.steps={K + 1}", *unpinned)
+  assert f"saved with train.steps={K} and resumes with {K + 1}" in out, out
 
 
 def test_resume_onto_another_mesh(tmp_path):

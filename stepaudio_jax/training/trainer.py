@@ -175,6 +175,11 @@ def train(cfg, print_fn=print) -> list[dict]:
     raise CheckpointError(
         f"checkpoint step {start} carries data iterator state for step {data_state['step']}"
     )
+  saved_steps = data_state.get("train_steps", tc.steps)
+  if start and saved_steps != tc.steps and not cfg.optimizer.decay_steps and lead:
+    print_fn(f"WARNING: this run was saved with train.steps={saved_steps} and resumes with "
+             f"{tc.steps}: schedules that end with the run (optimizer.decay_steps=0) change "
+             "shape from here; set optimizer.decay_steps to keep the old one", flush=True)
   if loader is not None and start:
     if "iterator" not in data_state:
       raise CheckpointError(
@@ -187,7 +192,8 @@ def train(cfg, print_fn=print) -> list[dict]:
 
   def data_state_at(step: int) -> dict:
     """What the checkpoint stores about the data (a collective with the Grain loader)."""
-    return {"step": step} if loader is None else {"step": step, "iterator": loader.get_state()}
+    state = {"step": step, "train_steps": tc.steps}
+    return state if loader is None else {**state, "iterator": loader.get_state()}
 
   def next_batch(split: int, step: int, grain_loader: GrainLoader | None):
     if grain_loader is None:
