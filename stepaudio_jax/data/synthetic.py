@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from stepaudio_jax.data.packing import empty_row
 from stepaudio_jax.models.tokens import TokenLayout, TokenType
 from stepaudio_jax.models.vision import VisionConfig
 
@@ -83,14 +84,7 @@ class SyntheticSource:
   def row(self, split: int, step: int, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, split, step, index])
     t, lay = self.seq_len, self.layout
-    out = {
-        "tokens": np.full(t, lay.pad_id, np.int32),
-        "targets": np.full(t, lay.pad_id, np.int32),
-        "loss_mask": np.zeros(t, np.float32),
-        "target_types": np.zeros(t, np.int32),
-        "segment_ids": np.zeros(t, np.int32),
-        "positions": np.zeros(t, np.int32),
-    }
+    out = empty_row(t, lay, self.vision)
     image = None
     pos, seg = 0, 0
     while pos < t - 4:
@@ -114,14 +108,9 @@ class SyntheticSource:
       out["segment_ids"][sl] = seg
       out["positions"][sl] = np.arange(m)
       pos += m
-    if self.vision.enabled:
-      v = self.vision
-      pixels = np.zeros((v.max_images_per_sequence, v.image_size, v.image_size, v.channels),
-                        np.float32)
-      if image is not None:
-        pixels[0] = np.linspace(-1, 1, NUM_COLOURS)[image]
-        pixels[0, ..., image % v.channels] = 1.0
-      out["images"] = pixels
+    if image is not None:
+      out["images"][0] = np.linspace(-1, 1, NUM_COLOURS)[image]
+      out["images"][0, ..., image % self.vision.channels] = 1.0
     return out
 
   def batch(self, split: int, step: int, rows: range) -> dict[str, np.ndarray]:

@@ -6,7 +6,6 @@ same number of ways: device d holds query heads d*N/D.. and kv heads d*K/D.., an
 maps one onto the other. The slopes are an input sharded like the heads for the same reason.
 """
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -14,11 +13,6 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from stepaudio_jax.parallel.mesh import LogicalSharding
-
-
-def _ways(shard: LogicalSharding, entry) -> int:
-  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-  return math.prod(shard.mesh.shape[a] for a in names)
 
 
 def over_batch_and_heads(
@@ -37,7 +31,7 @@ def over_batch_and_heads(
   if q_spec[1] is not None:
     raise ValueError("the pallas attention kernel needs the whole sequence on each device; "
                      "map mesh.rules.act_length to [] or use attention=xla")
-  if q_spec[2] != kv_spec[2] or k.shape[2] % _ways(shard, kv_spec[2]):
+  if q_spec[2] != kv_spec[2] or k.shape[2] % shard.ways(kv_spec[2]):
     raise ValueError(
         f"pallas attention shards query and kv heads the same way, but {k.shape[2]} kv heads "
         f"and rules act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")

@@ -120,11 +120,16 @@ class LogicalSharding:
   def named(self, axes: Sequence[str | None]) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(axes))
 
+  def ways(self, entry: str | tuple[str, ...] | None) -> int:
+    """How many shards one PartitionSpec entry splits a dimension into."""
+    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    return math.prod(self.mesh.shape[a] for a in names)
+
   def check_divides(self, what: str, shape: Sequence[int], axes: Sequence[str | None]) -> None:
     for dim, entry in zip(shape, self.spec(axes)):
-      names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-      ways = math.prod(self.mesh.shape[a] for a in names)
+      ways = self.ways(entry)
       if dim % ways:
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
         raise ValueError(
             f"{what} has a dimension of size {dim} that mesh axes {names} (size {ways}) do "
             f"not divide; change the mesh sizes or the rule for that axis in mesh.rules"

@@ -11,11 +11,11 @@ import os
 import jax
 import numpy as np
 
-from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
 from stepaudio_jax.training import flops as flops_lib
 from stepaudio_jax.training import train_step as ts
 from stepaudio_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from stepaudio_jax.training.trainer import global_batch_shapes
 
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 
@@ -53,10 +53,7 @@ def compile_train_step(cfg, topology: str, num_slices: int = 1) -> tuple[AotRepo
   mesh = make_mesh(cfg.mesh, devices)
   shard = LogicalSharding.create(mesh, cfg.mesh.rules)
   tc = cfg.train
-  source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed)
-  row = jax.eval_shape(lambda: source.batch(0, 0, range(1)))
-  batch_shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), row)
+  batch_shapes = global_batch_shapes(cfg)
   steps = ts.build_steps(cfg, shard, make_optimizer(cfg.optimizer, tc.steps), batch_shapes,
                          learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

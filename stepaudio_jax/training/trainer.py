@@ -96,6 +96,13 @@ class _StopFlag:
     self.set = True
 
 
+def global_batch_shapes(cfg) -> dict:
+  """Shapes of one global batch; every data source fills the same row layout."""
+  row = empty_row(cfg.train.seq_len, cfg.tokens, cfg.vision)
+  return {k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + v.shape, v.dtype)
+          for k, v in row.items()}
+
+
 def load_batch(source: SyntheticSource, split: int, step: int, global_batch: int, shardings):
   """This process's rows of the global batch, assembled into global arrays."""
   per_process = global_batch // jax.process_count()
@@ -139,13 +146,7 @@ def train(cfg, print_fn=print) -> list[dict]:
   tx = make_optimizer(cfg.optimizer, tc.steps)
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed)
   loader = make_grain_loader(cfg) if cfg.data.source == "grain" else None
-  if loader is None:
-    row = jax.eval_shape(lambda: source.batch(TRAIN_SPLIT, 0, range(1)))
-  else:
-    row = {k: v[None] for k, v in empty_row(tc.seq_len, cfg.tokens, cfg.vision).items()}
-  batch_shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), row)
-  steps = ts.build_steps(cfg, shard, tx, batch_shapes,
+  steps = ts.build_steps(cfg, shard, tx, global_batch_shapes(cfg),
                          learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
   shardings, batch_sh = steps.state_shardings, steps.batch_shardings
 
