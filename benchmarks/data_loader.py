@@ -27,11 +27,10 @@ def main():
   args = p.parse_args()
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from stepaudio_jax.data.config import DataConfig, StageConfig
+  from stepaudio_jax.config.data import DataConfig, StageConfig
+  from stepaudio_jax.config.model import TokenLayout, VisionConfig
   from stepaudio_jax.data.fake import write_fake_shards
   from stepaudio_jax.data.loader import GrainLoader
-  from stepaudio_jax.models.tokens import TokenLayout
-  from stepaudio_jax.models.vision import VisionConfig
 
   layout = TokenLayout()
   vision = VisionConfig(enabled=True, max_images_per_sequence=8)

@@ -38,19 +38,16 @@ import json
 import jax, jax.numpy as jnp
 import orbax.checkpoint as ocp
 from stepaudio_jax.config import dump_config, load_config
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import train_step as ts
+from stepaudio_jax.parallel.mesh import LogicalSharding, logical_axes, make_mesh
 run, overrides = sys.argv[1], json.loads(sys.argv[3])
 cfg = load_config(sys.argv[4], overrides, num_devices=jax.device_count())
 dump_config(cfg, os.path.join(run, "config.yaml"))
 shard = LogicalSharding.create(make_mesh(cfg.mesh), cfg.mesh.rules)
-spec = ts.model_spec(cfg, shard)
-lm_axes = spec.param_axes["lm"]
 from flax import nnx
 from stepaudio_jax.models.step1 import Step1
 lm = nnx.eval_shape(lambda: Step1(cfg.model, rngs=nnx.Rngs(0)))
 shapes = nnx.to_pure_dict(nnx.state(lm))
-shardings = ts.param_shardings(shard, lm_axes)
+shardings = shard.tree(logical_axes(nnx.state(lm)))
 leaves, tree = jax.tree.flatten(shapes)
 keys = jax.random.split(jax.random.key(0), len(leaves))
 def make(k, s, sh):
@@ -58,8 +55,11 @@ def make(k, s, sh):
 params = jax.tree.unflatten(tree, [make(k, s, sh) for k, s, sh in
                                    zip(keys, leaves, jax.tree.leaves(shardings))])
 ckpt = ocp.StandardCheckpointer()
-ckpt.save(os.path.join(run, "checkpoints", "0", "state"), {"params": {"lm": params}})
+ckpt.save(os.path.join(run, "checkpoints", "0", "state"), {"params": {"model": {"lm": params}}})
 ckpt.wait_until_finished()
+os.makedirs(os.path.join(run, "checkpoints", "0", "data"))
+with open(os.path.join(run, "checkpoints", "0", "data", "metadata"), "w") as f:
+  json.dump({"step": 0, "layout": 2}, f)
 """
 
 RUNTIME_BYTES = 64 * 2**20

@@ -9,10 +9,10 @@ compiled as the trainer compiles it (same shardings, donated state, a fixed synt
 
   tokens/s         batch_size * seq_len / the median of --steps timed steps after --warmup
   achieved FLOP/s  flops.train_step_flops(cfg, batch_size) / that median step time. The count
-                   is analytic model work, documented in stepaudio_jax/training/flops.py: 6 FLOPs
+                   is analytic model work, documented in stepaudio_jax/models/flops.py: 6 FLOPs
                    per matmul parameter per token (LM head included) plus 12 * L * N * H * T_avg
                    per token for causal attention; remat recompute is not counted.
-  matmul peak      flops.measure_matmul_peak(PEAK_MATMUL_SIZE) in the config's compute dtype,
+  matmul peak      progress.measure_matmul_peak(PEAK_MATMUL_SIZE) in the config's compute dtype,
                    the better of two runs, before and after the timed steps; "MFU" is achieved
                    FLOP/s over it. "host busy" is the process's CPU time over the wall time of
                    all cores while timing: far below 100% means something else shared the host.
@@ -41,15 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from stepaudio_jax.config import load_config
-from stepaudio_jax.data.synthetic import SyntheticSource
-from stepaudio_jax.models.step1 import PositionEncoding
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import flops as flops_lib
-from stepaudio_jax.training import train_step as ts
-from stepaudio_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from stepaudio_jax.config.model import PositionEncoding
+from stepaudio_jax.data.synthetic import TRAIN_SPLIT, SyntheticSource
+from stepaudio_jax.models import flops as flops_lib
+from stepaudio_jax.training.progress import measure_matmul_peak
+from stepaudio_jax.training.setup import setup
 
 PEAK_MATMUL_SIZE = 2048  # fp32 on 2 CPU cores: ~0.2 s per product, best-of-5 within ~2%
-TRAIN_SPLIT = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,15 +85,11 @@ def host_batch(cfg) -> dict[str, np.ndarray]:
 
 def compile_step(cfg, batch: dict):
   """(compiled step, state, device batch), jitted exactly as the trainer jits it."""
-  tc = cfg.train
-  shard = LogicalSharding.create(make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rules)
-  steps = ts.build_steps(cfg, shard, make_optimizer(cfg.optimizer, tc.steps),
-                         jax.eval_shape(lambda: batch),
-                         learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
-  with jax.set_mesh(shard.mesh):
-    state = steps.init()
-    device_batch = jax.device_put(batch, steps.batch_shardings)
-    compiled = steps.train.lower(state, device_batch).compile()
+  run = setup(cfg, jax.devices()[:1])
+  with jax.set_mesh(run.mesh):
+    state = run.init()
+    device_batch = jax.device_put(batch, run.batch_shardings)
+    compiled = run.train.lower(state, device_batch).compile()
   return compiled, state, device_batch
 
 
@@ -221,10 +215,10 @@ def run_benchmark(args) -> dict:
   batch = host_batch(cfg)
   compiled, state, device_batch = compile_step(cfg, batch)
   dtype = jnp.dtype(m.compute_dtype.value)
-  peak_before = flops_lib.measure_matmul_peak(PEAK_MATMUL_SIZE, dtype)
+  peak_before = measure_matmul_peak(PEAK_MATMUL_SIZE, dtype)
   seconds, busy = time_jax(compiled, state, device_batch, args.steps, args.warmup)
   step_flops = flops_lib.train_step_flops(cfg, tc.batch_size)
-  peak = max(peak_before, flops_lib.measure_matmul_peak(PEAK_MATMUL_SIZE, dtype))
+  peak = max(peak_before, measure_matmul_peak(PEAK_MATMUL_SIZE, dtype))
   analytic = flops_lib.train_memory_estimate(cfg, tc.batch_size // tc.grad_accum_steps).total
   result = {
       "config": os.path.splitext(os.path.basename(args.config))[0],

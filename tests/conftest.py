@@ -15,3 +15,21 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def step0_params(config: str, *overrides: str) -> dict:
+  """The parameters a run of `config` starts from (after checkpoint.init_from), as host arrays."""
+  from stepaudio_jax.config import load_config
+  from stepaudio_jax.tasks.base import Split
+  from stepaudio_jax.training.checkpoint import Checkpointer
+  from stepaudio_jax.training.setup import setup
+  from stepaudio_jax.training.trainer import initial_state
+
+  cfg = load_config(config, list(overrides))
+  run = setup(cfg)
+  ckpt = Checkpointer(cfg.train.run_dir, cfg.checkpoint)
+  try:
+    state = initial_state(run, ckpt, run.task.make_source(Split.TRAIN), say=lambda *a, **k: None)
+  finally:
+    ckpt.close()
+  return jax.device_get(state.params)

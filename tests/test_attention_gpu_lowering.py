@@ -10,8 +10,8 @@ import pytest
 from jax import export
 
 from stepaudio_jax.kernels import alibi_flash_gpu
+from stepaudio_jax.kernels.alibi import alibi_slopes
 from stepaudio_jax.kernels.layout import BlockSizes
-from stepaudio_jax.models.positional import alibi_slopes
 
 TRITON = "__gpu$xla.gpu.triton"
 B, T, K, H = 2, 200, 2, 64  # T not a multiple of the block

@@ -21,8 +21,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from jax.experimental import topologies  # noqa: E402
 
 from stepaudio_jax.kernels import alibi_flash_tpu, flops, sharded  # noqa: E402
+from stepaudio_jax.kernels.alibi import alibi_slopes  # noqa: E402
 from stepaudio_jax.kernels.layout import BlockSizes  # noqa: E402
-from stepaudio_jax.models.positional import alibi_slopes  # noqa: E402
 from stepaudio_jax.parallel.mesh import LogicalSharding, MeshConfig  # noqa: E402
 
 # Step-Audio-Chat's per-chip attention at tensor=8 is 12 query heads on 1 kv head, head_dim 128;

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from stepaudio_jax.config import load_config
-from stepaudio_jax.training.flops import train_step_flops
+from stepaudio_jax.models.flops import train_step_flops
 
 NUMBERS = ("tokens_per_s", "achieved_flops", "matmul_peak_flops", "mfu_vs_measured_peak",
            "compiled_peak_bytes", "analytic_bytes", "step_seconds", "step_flops")

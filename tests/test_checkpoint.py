@@ -16,8 +16,13 @@ from jax.sharding import PartitionSpec as P
 from stepaudio_jax import cli
 from stepaudio_jax.config import load_config
 from stepaudio_jax.training import trainer
-from stepaudio_jax.training.checkpoint import (CheckpointConfig, CheckpointError, Checkpointer,
-                                                restore_params)
+from stepaudio_jax.training.checkpoint import (
+  CheckpointConfig,
+  Checkpointer,
+  CheckpointError,
+  restore_params,
+)
+from tests.conftest import step0_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -75,7 +80,7 @@ def test_every_leaf_round_trips_onto_other_shardings(tmp_path):
             for k, v in host.items()}
   state, data = ckpt.restore(7, target)
   ckpt.close()
-  assert data == {"step": 7}
+  assert data == {"step": 7, "layout": 2}
   for k, v in host.items():
     assert state[k].sharding == target[k].sharding, k
     np.testing.assert_array_equal(np.asarray(state[k]), v, err_msg=k)
@@ -153,23 +158,14 @@ TEXT_ONLY = ["model.vocab_size=320", "tokens.linguistic_codes=0", "tokens.semant
              "vision.enabled=false", "synthetic.audio_weight=0", "synthetic.image_weight=0"]
 
 
-def test_init_from_expands_the_vocabulary(tmp_path, monkeypatch):
+def test_init_from_expands_the_vocabulary(tmp_path):
   text_dir = tmp_path / "text"
   _train(text_dir, "train.steps=2", *TEXT_ONLY)
   text = ocp.StandardCheckpointer().restore(text_dir / "checkpoints" / "2" / "state")
-  text_lm = jax.tree.map(np.asarray, text["params"]["lm"])
+  text_lm = jax.tree.map(np.asarray, text["params"]["model"]["lm"])
 
-  started = {}
-  real_init_from = trainer._init_from
-
-  def spy(cfg, state, shardings):
-    state = real_init_from(cfg, state, shardings)
-    started.update(jax.device_get(state.params["lm"]))  # before the step donates the buffers
-    return state
-
-  monkeypatch.setattr(trainer, "_init_from", spy)
-  _, out = _train(tmp_path / "omni", "train.steps=1", f"checkpoint.init_from={text_dir}")
-  assert "starting at step 0" in out
+  started = step0_params(TINY, f"train.run_dir={tmp_path / 'omni'}", *FAST,
+                         f"checkpoint.init_from={text_dir}")["model"]["lm"]
   embed, head = started["embed"], started["lm_head"]
   old = text_lm["embed"].shape[0]
   assert (old, embed.shape[0], head.shape[1]) == (320, 512, 512)

@@ -104,3 +104,36 @@ def test_dump_roundtrip(tmp_path, path):
   out = str(tmp_path / "resolved.yaml")
   dump_config(cfg, out)
   assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.grad_clip_norm=-1", "grad_clip_norm must be >= 0"),
+    ("optimizer.weight_decay=-5", "weight_decay"),
+    ("optimizer.b1=2", "b1=2"),
+    ("train.eval_every=-3", "eval_every"),
+    ("train.eval_batches=0", "eval_batches must be positive"),
+    ("data.codebooks=both", r"data.codebooks='both' is not one of \['dual', 'semantic'"),
+])
+def test_values_that_cannot_be_right_are_refused(override, message):
+  with pytest.raises(ConfigError, match=message):
+    load_config("configs/tiny.yaml", [override])
+
+
+def test_grain_eval_needs_held_out_shards():
+  with pytest.raises(ConfigError, match=r"data.eval_shards has no globs for \['text'\]"):
+    load_config("configs/corpus.yaml", ["data.eval_shards.text=[]"])
+  assert load_config("configs/corpus.yaml", ["data.eval_shards.text=[]", "train.eval_every=0"])
+
+
+def test_a_run_config_from_an_earlier_version_still_loads(tmp_path, caplog):
+  """Retired keys (here data.eval_seed_offset, before eval read held-out shards) are dropped
+  with a warning that says what replaced them."""
+  cfg = load_config("configs/tiny.yaml")
+  out = str(tmp_path / "config.yaml")
+  dump_config(cfg, out)
+  text = open(out).read().replace("data:\n", "data:\n  eval_seed_offset: 1000003\n", 1)
+  with open(out, "w") as f:
+    f.write(text)
+  with caplog.at_level("WARNING"):
+    assert load_config(out) == cfg
+  assert "ignoring data.eval_seed_offset" in caplog.text and "eval_shards" in caplog.text

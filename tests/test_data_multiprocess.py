@@ -9,11 +9,11 @@ import sys
 
 import jax
 import numpy as np
+from test_data_pipeline import LAYOUT, STAGES, VISION
 
-from stepaudio_jax.data.config import DataConfig
+from stepaudio_jax.config.data import DataConfig
 from stepaudio_jax.data.fake import write_fake_shards
 from stepaudio_jax.data.loader import GrainLoader
-from test_data_pipeline import LAYOUT, STAGES, VISION
 
 SCRIPT = """
 import json, os, sys
@@ -23,8 +23,10 @@ import jax
 import numpy as np
 port, pid, cfg_json, out = sys.argv[1:5]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
-from stepaudio_jax.data.config import DataConfig, StageConfig
+from stepaudio_jax.config.data import DataConfig, StageConfig
 from stepaudio_jax.data.loader import GrainLoader
+from stepaudio_jax.data.packing import empty_row
+from stepaudio_jax.data.source import next_global_batch
 sys.path.insert(0, "tests")
 from test_data_pipeline import LAYOUT, VISION
 raw = json.loads(cfg_json)
@@ -33,9 +35,10 @@ loader = GrainLoader(cfg, LAYOUT, VISION, 128, 4, seed=0)
 mesh = jax.make_mesh((4,), ("data",))
 sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 local = {}
+fields = {k: jax.ShapeDtypeStruct((4,) + v.shape, v.dtype, sharding=sharding)
+          for k, v in empty_row(128, LAYOUT, VISION).items()}
 for step in range(2):
-  keys = ("tokens", "targets", "loss_mask", "target_types", "segment_ids", "positions", "images")
-  batch = loader.next_batch({k: sharding for k in keys})
+  batch = next_global_batch(loader, fields)
   assert batch["tokens"].shape == (4, 128), batch["tokens"].shape
   for k, v in batch.items():
     rows = sorted(v.addressable_shards, key=lambda s: s.index[0].start)

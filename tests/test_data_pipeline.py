@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+from stepaudio_jax.config.data import DataConfig, StageConfig
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data import records
-from stepaudio_jax.data.config import DataConfig, StageConfig
 from stepaudio_jax.data.fake import random_example, write_fake_shards
 from stepaudio_jax.data.interleave import interleave
-from stepaudio_jax.data.loader import GrainLoader, LoaderStateError
+from stepaudio_jax.data.loader import GrainLoader
 from stepaudio_jax.data.packing import pack_row
+from stepaudio_jax.data.source import LoaderStateError
 from stepaudio_jax.data.templates import TemplateContext, render
 from stepaudio_jax.data.tokenizer import ByteTokenizer
-from stepaudio_jax.models.tokens import TokenLayout, TokenType as T
-from stepaudio_jax.models.vision import VisionConfig
+from stepaudio_jax.models.tokens import TokenType as T
 
 LAYOUT = TokenLayout(text_vocab_size=320, linguistic_codes=64, semantic_codes=96)
 VISION = VisionConfig(enabled=True, image_size=16, patch_size=4, hidden_size=32, num_layers=2,

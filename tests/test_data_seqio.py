@@ -8,12 +8,11 @@ import pytest
 
 seqio = pytest.importorskip("seqio")
 
-from stepaudio_jax.data.config import DataConfig, StageConfig  # noqa: E402
+from stepaudio_jax.config.data import DataConfig, StageConfig  # noqa: E402
+from stepaudio_jax.config.model import TokenLayout, VisionConfig  # noqa: E402
 from stepaudio_jax.data.loader import GrainLoader  # noqa: E402
 from stepaudio_jax.data.seqio_source import SeqioTextSource, seqio_examples  # noqa: E402
 from stepaudio_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer  # noqa: E402
-from stepaudio_jax.models.tokens import TokenLayout  # noqa: E402
-from stepaudio_jax.models.vision import VisionConfig  # noqa: E402
 
 SPM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "data_pipelines", "corpus", "spm_unigram.model")

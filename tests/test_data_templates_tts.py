@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 
+from stepaudio_jax.config.data import DataConfig, StageConfig
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data import records
-from stepaudio_jax.data.config import DataConfig, StageConfig
 from stepaudio_jax.data.interleave import interleave
 from stepaudio_jax.data.loader import GrainLoader, RecordSource
 from stepaudio_jax.data.templates import TemplateContext, render, tts_tags
 from stepaudio_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from stepaudio_jax.models.tokens import TokenLayout, TokenType as T
-from stepaudio_jax.models.vision import VisionConfig
+from stepaudio_jax.models.tokens import TokenType as T
 
 LAYOUT = TokenLayout(text_vocab_size=320, linguistic_codes=64, semantic_codes=96)
 CTX = TemplateContext(LAYOUT, VisionConfig(), ByteTokenizer(LAYOUT))

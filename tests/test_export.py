@@ -107,7 +107,7 @@ def test_layout_shards_and_dtypes(alibi_run, tmp_path):
     assert b.get(name).dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(b.get(name), a.get(name).astype(ml_dtypes.bfloat16))
   # The layout itself: q_proj row n*H + h, column d is wq[d, n, h] of layer 0.
-  wq = CheckpointReader(alibi_run).read(("params", "lm", "layers", "wq"), (0,))
+  wq = CheckpointReader(alibi_run).read(("params", "model", "lm", "layers", "wq"), (0,))
   np.testing.assert_array_equal(a.get("model.layers.0.self_attn.q_proj.weight")[1 * 16 + 3],
                                 wq[:, 1, 3])
 
@@ -156,8 +156,8 @@ def test_import_text_only_expands_vocabulary(alibi_run, tmp_path):
   _text_only_copy(hf, small, 320)
   import_hf(small, run2, config=TINY, overrides=["train.seq_len=32"])
   reader = CheckpointReader(run2)
-  embed = reader.read(("params", "lm", "embed"))
-  head = reader.read(("params", "lm", "lm_head"))
+  embed = reader.read(("params", "model", "lm", "embed"))
+  head = reader.read(("params", "model", "lm", "lm_head"))
   assert embed.shape == (512, 64) and head.shape == (64, 512)
   src = SafetensorsDir(small)
   np.testing.assert_array_equal(embed[:320], src.get("model.embed_tokens.weight"))

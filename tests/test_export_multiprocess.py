@@ -15,27 +15,20 @@ WORKER = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-import functools
 import jax
 port, pid, run_dir, out_dir, config = sys.argv[1:6]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 from stepaudio_jax import cli
 from stepaudio_jax.config import dump_config, load_config
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import train_step as ts
 from stepaudio_jax.training.checkpoint import Checkpointer
-from stepaudio_jax.training.optimizer import make_optimizer
+from stepaudio_jax.training.setup import setup
 
 cfg = load_config(config, [f"train.run_dir={run_dir}", "train.seq_len=32", "mesh.fsdp=2",
-                           "mesh.tensor=2"], num_devices=jax.device_count())
-mesh = make_mesh(cfg.mesh)
-shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-init = functools.partial(ts.init_state, cfg, tx, shard, 3)
-shardings = ts.state_shardings(ts.model_spec(cfg, shard), shard, jax.eval_shape(init))
-with jax.set_mesh(mesh):
-  state = jax.jit(init, out_shardings=shardings)()
-assert not state.params["lm"]["embed"].is_fully_addressable
+                           "mesh.tensor=2", "train.seed=3"], num_devices=jax.device_count())
+run = setup(cfg)
+with jax.set_mesh(run.mesh):
+  state = run.init()
+assert not state.params["model"]["lm"]["embed"].is_fully_addressable
 os.makedirs(run_dir, exist_ok=True)
 if jax.process_index() == 0:
   dump_config(cfg, os.path.join(run_dir, "config.yaml"))

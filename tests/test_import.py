@@ -11,11 +11,12 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
+from stepaudio_jax.config.model import VisionConfig
 from stepaudio_jax.export import vision_import  # noqa: E402
 from stepaudio_jax.export.hf_import import import_hf  # noqa: E402
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError  # noqa: E402
 from stepaudio_jax.export.score import score  # noqa: E402
-from stepaudio_jax.models.vision import VisionConfig, VisionEncoder  # noqa: E402
+from stepaudio_jax.models.vision import VisionEncoder  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -78,9 +79,9 @@ def test_llama_import_with_siglip_matches_transformers(llama_dir, siglip_dir, tm
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
   reader = CheckpointReader(run)
   expected = vision_import.siglip_vision_params(vision_dir, 2)
-  np.testing.assert_array_equal(reader.read(("frozen", "vision_encoder", "layers", "wq")),
+  np.testing.assert_array_equal(reader.read(("frozen", "model", "vision_encoder", "layers", "wq")),
                                 expected["layers"]["wq"])
-  np.testing.assert_array_equal(reader.read(("frozen", "vision_encoder", "patch_w")),
+  np.testing.assert_array_equal(reader.read(("frozen", "model", "vision_encoder", "patch_w")),
                                 expected["patch_w"])
 
 

@@ -1,7 +1,6 @@
 """Step-Omni: vocabulary expansion, image features at placeholders, frozen image encoder."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,7 @@ from stepaudio_jax.config import load_config
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.models.omni import StepOmni, expand_vocabulary, place_image_features
 from stepaudio_jax.models.step1 import Step1
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import train_step as ts
-from stepaudio_jax.training.optimizer import make_optimizer
+from stepaudio_jax.training.setup import setup
 
 CFG = load_config("configs/tiny.yaml", ["mesh.fsdp=1"])
 
@@ -68,23 +65,22 @@ def test_images_change_the_output():
 
 
 def test_frozen_encoder_has_no_grad_no_state_and_stays_put():
-  mesh = make_mesh(CFG.mesh, jax.devices()[:1])
-  shard = LogicalSharding.create(mesh, CFG.mesh.rules)
-  tx = make_optimizer(dataclasses.replace(CFG.optimizer, warmup_steps=0), 10)
-  spec = ts.model_spec(CFG, shard)
-  state = ts.init_state(CFG, tx, shard, 0)
-  assert "vision_encoder" not in state.params and "vision_encoder" in state.frozen
-  assert "projector" in state.params
+  run = setup(dataclasses.replace(CFG, optimizer=dataclasses.replace(CFG.optimizer,
+                                                                     warmup_steps=0)),
+              jax.devices()[:1], donate=False)
+  with jax.set_mesh(run.mesh):
+    state = run.init()
+  params, frozen = state.params["model"], state.frozen["model"]
+  assert "vision_encoder" not in params and "vision_encoder" in frozen
+  assert "projector" in params
   opt_paths = [jax.tree_util.keystr(p) for p, _ in
                jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert not any("vision_encoder" in p for p in opt_paths)
   source = SyntheticSource(CFG.synthetic, CFG.tokens, CFG.vision, CFG.train.seq_len, 0)
-  batch = jax.tree.map(jnp.asarray, source.batch(0, 0, range(4)))
+  batch = source.batch(0, 0, range(CFG.train.batch_size))
   assert int((batch["tokens"] == CFG.tokens.image_placeholder_id).sum()) > 0
-  step = jax.jit(functools.partial(ts.train_step, spec=spec, tx=tx, lr_schedule=lambda s: 0.0,
-                                   grad_accum_steps=1, shard=None))
-  new, _ = step(state, batch)
+  new, _ = run.train(state, jax.device_put(batch, run.batch_shardings))
   jax.tree.map(np.testing.assert_array_equal, new.frozen, state.frozen)
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params["projector"],
-                       state.params["projector"])
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params["model"]["projector"],
+                       params["projector"])
   assert max(jax.tree.leaves(moved)) > 0

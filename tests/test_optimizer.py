@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from stepaudio_jax.training.optimizer import (OptimizerConfig, learning_rate_schedule,
-                                              make_optimizer)
+from stepaudio_jax.config.training import OptimizerConfig
+from stepaudio_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
 PARAMS = {"lm": {"embed": jnp.ones((8, 4)), "lm_head": jnp.ones((4, 8)),
                  "layers": {"wq": jnp.ones((2, 4, 4)), "input_norm": {"scale": jnp.ones((2, 4))}},

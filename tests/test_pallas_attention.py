@@ -12,19 +12,19 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from stepaudio_jax import kernels
 from stepaudio_jax.config import load_config
+from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.kernels import alibi_flash_gpu, alibi_flash_tpu
+from stepaudio_jax.kernels.alibi import alibi_slopes
 from stepaudio_jax.kernels.dense_bias import dense_bias_attention
 from stepaudio_jax.kernels.layout import BlockSizes
 from stepaudio_jax.kernels.reference import xla_attention
-from stepaudio_jax.models.positional import alibi_slopes
-from stepaudio_jax.parallel.mesh import LogicalSharding, MeshConfig, make_mesh
-from stepaudio_jax.training import train_step as ts
+from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
+from stepaudio_jax.training.setup import setup
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}
 KERNELS = {"tpu": alibi_flash_tpu.flash_attention, "gpu": alibi_flash_gpu.flash_attention}
@@ -98,7 +98,7 @@ def test_kernel_matches_reference(kernel, name):
   flash = functools.partial(KERNELS[kernel], slopes=slopes, segment_ids=seg, positions=pos,
                             bias=c.bias, causal=c.causal, block_sizes=c.blocks, interpret=True)
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  ref = functools.partial(xla_attention, segment_ids=seg, positions=pos, bias=c.bias,
+  ref = functools.partial(xla_attention, q_segment_ids=seg, q_positions=pos, bias=c.bias,
                           causal=c.causal)
   got = jax.jit(functools.partial(_value_and_grads, flash))(q, k, v, do)
   want = _value_and_grads(ref, f32(q), f32(k), f32(v), do)
@@ -108,10 +108,10 @@ def test_kernel_matches_reference(kernel, name):
     assert err < TOL[c.dtype], f"{what}: max error {err:.2e} of the largest value"
 
 
-def test_dispatcher_pallas_equals_xla_and_auto_is_xla_on_cpu():
+def test_dispatcher_pallas_equals_xla_and_auto_is_pallas_only_on_tpu():
   c = CASES["gqa4_h128_fp32_2seg"]
   q, k, v, do, seg, pos = _inputs(c, seed=1)
-  args = dict(segment_ids=seg, positions=pos)
+  args = dict(q_segment_ids=seg, q_positions=pos)
   want = _value_and_grads(functools.partial(kernels.attention, **args), q, k, v, do)
   got = _value_and_grads(functools.partial(
       kernels.attention, **args, implementation="pallas", block_sizes=BlockSizes(64, 64)),
@@ -120,6 +120,9 @@ def test_dispatcher_pallas_equals_xla_and_auto_is_xla_on_cpu():
     assert _max_rel_err(g, w) < TOL[jnp.float32]
   auto = jax.make_jaxpr(functools.partial(kernels.attention, implementation="auto"))(q, k, v)
   assert "pallas_call" not in str(auto)
+  # the Triton kernels have never run on a GPU: auto leaves them to an explicit request
+  assert [kernels.resolve("auto", b) for b in ("tpu", "gpu", "cpu")] == ["pallas", "xla", "xla"]
+  assert kernels.resolve("pallas", "gpu") == "pallas"
 
 
 def test_cudnn_needs_a_gpu_and_its_dense_bias_is_right():
@@ -129,7 +132,8 @@ def test_cudnn_needs_a_gpu_and_its_dense_bias_is_right():
     kernels.attention(q, k, v, implementation="cudnn")
   dense = dense_bias_attention(q, k, v, segment_ids=seg, positions=pos, bias="alibi_sqrt",
                                causal=True, implementation="xla")
-  want = xla_attention(q, k, v, segment_ids=seg, positions=pos, bias="alibi_sqrt", causal=True)
+  want = xla_attention(q, k, v, q_segment_ids=seg, q_positions=pos, bias="alibi_sqrt",
+                       causal=True)
   assert _max_rel_err(dense, want) < TOL[jnp.float32]
 
 
@@ -142,7 +146,7 @@ def test_sharded_under_remat_matches_xla():
 
   def loss(impl, q, k, v):
     attn = jax.checkpoint(functools.partial(
-        kernels.attention, segment_ids=seg, positions=pos, implementation=impl, shard=shard,
+        kernels.attention, q_segment_ids=seg, q_positions=pos, implementation=impl, shard=shard,
         block_sizes=c.blocks))
     return jnp.sum(attn(q, k, v) * do)
 
@@ -159,16 +163,17 @@ def test_sharded_under_remat_matches_xla():
 
 def _tiny_losses(attention, steps=3):
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.data=2", "mesh.tensor=2",
-                                          f"model.attention={attention}"])
-  shard = LogicalSharding.create(make_mesh(cfg.mesh), cfg.mesh.rules)
+                                          f"model.attention={attention}",
+                                          "optimizer.learning_rate=1e-2",
+                                          "optimizer.warmup_steps=0"])
+  run = setup(cfg)
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, cfg.train.seq_len, 0)
-  host = source.batch(0, 0, range(cfg.train.batch_size))
-  fns = ts.build_steps(cfg, shard, optax.adam(1e-2), jax.eval_shape(lambda: host),
-                       lambda s: 0.0, seed=0)
-  step, batch_sh, state = fns.train, fns.batch_shardings, fns.init()
+  with jax.set_mesh(run.mesh):
+    state = run.init()
   losses = []
   for i in range(steps):
-    state, metrics = step(state, jax.device_put(source.batch(0, i, range(8)), batch_sh))
+    state, metrics = run.train(state, jax.device_put(source.batch(0, i, range(8)),
+                                                     run.batch_shardings))
     losses.append(float(metrics["loss"]))
   return losses
 

@@ -14,8 +14,8 @@ from scipy.io import wavfile  # noqa: E402
 
 from data_pipelines import beam_pipeline, speak  # noqa: E402
 from data_pipelines.kmeans_tokenizer import LINGUISTIC, SEMANTIC, KMeansDualTokenizer  # noqa: E402
+from stepaudio_jax.config.model import TokenLayout  # noqa: E402
 from stepaudio_jax.data import records  # noqa: E402
-from stepaudio_jax.models.tokens import TokenLayout  # noqa: E402
 
 
 def read(pattern: str) -> list[records.Example]:

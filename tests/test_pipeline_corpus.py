@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import features, grammar
+from stepaudio_jax.config.model import TokenLayout
 from stepaudio_jax.data import records
-from stepaudio_jax.models.tokens import TokenLayout
 
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "data_pipelines", "corpus")

@@ -1,7 +1,5 @@
 """Sharded numbers equal unsharded numbers; logical rules give the intended layouts."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -9,29 +7,26 @@ import pytest
 from stepaudio_jax.config import load_config
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import train_step as ts
-from stepaudio_jax.training.optimizer import make_optimizer
+from stepaudio_jax.training import step as step_lib
+from stepaudio_jax.training.setup import setup
 
 
 def _loss_and_grads(cfg, devices):
-  mesh = make_mesh(cfg.mesh, devices)
-  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, 0)
-  shardings = ts.state_shardings(spec, shard, jax.eval_shape(init))
+  run = setup(cfg, devices)
   source = SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, cfg.train.seq_len, 0)
-  host = source.batch(0, 0, range(cfg.train.batch_size))
-  batch_sh = ts.batch_shardings(shard, jax.eval_shape(lambda: host))
-  batch = jax.device_put(host, batch_sh)
+  batch = jax.device_put(source.batch(0, 0, range(cfg.train.batch_size)), run.batch_shardings)
+  update = run.task.updates()[0]
+  fields = run.task.batch_fields()
 
   def loss_grads(state, batch):
-    grad_fn = jax.value_and_grad(ts._forward_sums, argnums=1, has_aux=True)
-    (_, sums), grads = grad_fn(spec, state.params, state.frozen, batch)
+    grads, sums = step_lib.accumulated_gradients(update, state.params, state.frozen, batch,
+                                                 jax.random.key(0), fields, 1, run.shard)
     return sums["loss_sum"] / sums["tokens"], jax.tree.map(lambda g: g / sums["tokens"], grads)
 
-  state = jax.jit(init, out_shardings=shardings)()
-  loss, grads = jax.jit(loss_grads, in_shardings=(shardings, batch_sh))(state, batch)
+  with jax.set_mesh(run.mesh):
+    state = run.init()
+    loss, grads = jax.jit(loss_grads, in_shardings=(run.state_shardings, run.batch_shardings))(
+        state, batch)
   return jax.device_get(loss), jax.device_get(grads), state
 
 
@@ -48,7 +43,7 @@ def test_eight_devices_match_one():
     assert np.abs(a - b).max() <= 1e-5 * scale + 1e-9, jax.tree_util.keystr(path)
 
   jax.tree_util.tree_map_with_path(close, grads8, grads1)
-  wq = state8.params["lm"]["layers"]["wq"]
+  wq = state8.params["model"]["lm"]["layers"]["wq"]
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   assert len(wq.sharding.device_set) == 8
 
@@ -56,21 +51,19 @@ def test_eight_devices_match_one():
 def test_optimizer_moments_follow_their_parameters():
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=4", "mesh.tensor=2"])
   _, _, state = _loss_and_grads(cfg, jax.devices())
-  adam = state.opt_state[1]
-  assert adam.mu["lm"]["embed"].sharding.spec == state.params["lm"]["embed"].sharding.spec
+  adam = state.opt_state["model"][1]
+  params = state.params["model"]
+  assert adam.mu["lm"]["embed"].sharding.spec == params["lm"]["embed"].sharding.spec
   assert adam.nu["lm"]["layers"]["w_down"].sharding.spec == jax.sharding.PartitionSpec(
       None, "tensor", "fsdp")
+  assert "vision_encoder" not in state.opt_state["model"][1].mu
 
 
 def test_mesh_that_does_not_divide_the_model_is_named():
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=1", "mesh.tensor=8"])
-  mesh = make_mesh(cfg.mesh)
-  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  spec = ts.model_spec(cfg, shard)
-  abstract = jax.eval_shape(functools.partial(ts.init_state, cfg,
-                                              make_optimizer(cfg.optimizer, 1), shard, 0))
-  with pytest.raises(ValueError, match=r"axes \('layers', 'embed', 'kv_heads'.*size 2.*tensor"):
-    ts.state_shardings(spec, shard, abstract)
+  with pytest.raises(ValueError, match=r"model/lm/layers/wk of shape \(2, 64, 2, 16\) \(axes "
+                                       r"\('layers', 'embed', 'kv_heads'.*size 2.*tensor"):
+    setup(cfg)
 
 
 def test_unknown_logical_axis_rule():

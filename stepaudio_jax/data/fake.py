@@ -4,8 +4,9 @@ import os
 
 import numpy as np
 
-from stepaudio_jax.data.records import TASKS, Example, write_shard
-from stepaudio_jax.models.tokens import TokenLayout
+from stepaudio_jax.config.data import TASKS
+from stepaudio_jax.config.model import TokenLayout
+from stepaudio_jax.data.records import Example, write_shard
 
 
 def random_example(task: str, rng: np.random.Generator, layout: TokenLayout,

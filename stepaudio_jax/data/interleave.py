@@ -8,7 +8,8 @@ Single-codebook modes exist for the ablation: the whole stream of one codebook, 
 import numpy as np
 from jaxtyping import Int
 
-from stepaudio_jax.models.tokens import TokenLayout, TokenType
+from stepaudio_jax.config.model import TokenLayout
+from stepaudio_jax.models.tokens import TokenType
 
 _GROUP_TYPES = np.array([TokenType.AUDIO_LINGUISTIC] * 2 + [TokenType.AUDIO_SEMANTIC] * 3,
                         np.int32)

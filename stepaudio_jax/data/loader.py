@@ -1,4 +1,4 @@
-"""Grain loader: shards -> per-task sources -> token-share mixture -> packed rows -> global batch.
+"""Grain loader: shards -> per-task sources -> token-share mixture -> packed rows.
 
 Every row of the global batch is its own deterministic stream (`RowStreams`): stream r draws
 the k-th example of a task from index k * global_batch + r of that task's shuffled, endlessly
@@ -8,6 +8,8 @@ batch does not depend on the process count, and with data.workers = 0 the saved 
 stream) restores onto any process count. With workers > 0, Grain's mp_prefetch runs copies of
 the pipeline in worker processes, each reading a 1/W slice of every task and building every
 W-th batch; that state is per process and worker and restores only onto the same topology.
+The eval loader (`held_out=True`) reads data.eval_shards in-process and starts over from its
+first batch at every eval, mixing as the stage of the current step does.
 """
 
 import bisect
@@ -19,19 +21,15 @@ import grain
 import jax
 import numpy as np
 
-from stepaudio_jax.data.config import DataConfig
+from stepaudio_jax.config.data import TASKS, DataConfig
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.mixture import StageSchedule, pick_task
 from stepaudio_jax.data.packing import pack_row, truncate
-from stepaudio_jax.data.records import TASKS, RecordError, decode_checked
+from stepaudio_jax.data.records import RecordError, decode_checked
 from stepaudio_jax.data.seqio_source import SeqioTextSource
+from stepaudio_jax.data.source import BatchSource, LoaderStateError, process_rows
 from stepaudio_jax.data.templates import Segment, TemplateContext, render
 from stepaudio_jax.data.tokenizer import make_tokenizer
-from stepaudio_jax.models.tokens import TokenLayout
-from stepaudio_jax.models.vision import VisionConfig
-
-
-class LoaderStateError(RuntimeError):
-  """A saved iterator state that cannot continue on this topology or config."""
 
 
 def resolve_shards(globs: list[str]) -> list[str]:
@@ -200,14 +198,13 @@ def _allgather_json(obj) -> list:
   return [json.loads(everything[i, : sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
-class GrainLoader:
+class GrainLoader(BatchSource):
   """This process's rows of every global batch, plus a checkpointable iterator state."""
 
   def __init__(self, data: DataConfig, layout: TokenLayout, vision: VisionConfig, seq_len: int,
-               global_batch: int, seed: int, fixed_step: int | None = None):
-    procs, me = jax.process_count(), jax.process_index()
-    if global_batch % procs:
-      raise ValueError(f"train.batch_size={global_batch} is not divisible by {procs} processes")
+               global_batch: int, seed: int, fixed_step: int | None = None,
+               held_out: bool = False):
+    rows = process_rows(global_batch)
     schedule = StageSchedule(data.stages, global_batch * seq_len)
     if not vision.enabled and any(w["image_text"] > 0 for w in schedule.weights):
       raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
@@ -215,25 +212,32 @@ class GrainLoader:
                           data.codebooks, data.asr_prompt, data.tts_prompt, data.aqta_prompt)
     render_fn = _Render(ctx, data.skip_malformed)
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
+    shards = data.eval_shards if held_out else data.shards
+    workers = 0 if held_out else data.workers
     components = {}
     for i, task in enumerate(live):
       if task == "text" and data.seqio_task:
-        source = SeqioTextSource(data.seqio_task, data.seqio_split, data.seqio_feature,
-                                 data.seqio_ids, ctx.tokenizer, data.seqio_module)
+        source = SeqioTextSource(data.seqio_task,
+                                 data.seqio_eval_split if held_out else data.seqio_split,
+                                 data.seqio_feature, data.seqio_ids, ctx.tokenizer,
+                                 data.seqio_module)
       else:
-        source = RecordSource(resolve_shards(data.shards[task]))
+        if not shards.get(task):
+          raise ValueError(f"data.{'eval_shards' if held_out else 'shards'} has no globs for "
+                           f"task {task!r}, which the stages mix")
+        source = RecordSource(resolve_shards(shards[task]))
       src = grain.MapDataset.source(source)
       components[task] = src.shuffle(seed=seed * 1009 + i).repeat(None).map(render_fn)
-    per = global_batch // procs
-    ds = RowStreams(components, range(me * per, (me + 1) * per), global_batch, seq_len, schedule,
-                    layout, vision, data.pack_lookahead, fixed_step)
-    if data.workers:
+    self._ds = RowStreams(components, rows, global_batch, seq_len, schedule, layout, vision,
+                          data.pack_lookahead, fixed_step)
+    ds = self._ds
+    if workers:
       from absl import flags  # grain's workers read absl flags, which must count as parsed
 
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
-    self.data, self.seq_len, self.global_batch = data, seq_len, global_batch
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    self.data, self.seq_len, self.global_batch, self.workers = data, seq_len, global_batch, workers
     self._it = iter(ds)
     self._stats: dict[int, dict] = {}
 
@@ -242,10 +246,6 @@ class GrainLoader:
     stats = batch.pop("stats")
     self._stats[stats.pop("worker")] = stats
     return batch
-
-  def next_batch(self, shardings) -> dict[str, jax.Array]:
-    """The next global batch; each process contributes only its rows."""
-    return jax.tree.map(jax.make_array_from_process_local_data, shardings, self.next_local())
 
   def stats(self) -> dict[str, float]:
     """Cumulative counts of this process: packed tokens per task, malformed (skipped) records,
@@ -258,12 +258,12 @@ class GrainLoader:
 
   def _header(self) -> dict:
     return {"global_batch": self.global_batch, "seq_len": self.seq_len,
-            "workers": self.data.workers, "process_count": jax.process_count()}
+            "workers": self.workers, "process_count": jax.process_count()}
 
   def get_state(self) -> dict:
     """JSON-able state of every process's iterator (a collective when there are several)."""
     states = _allgather_json(self._it.get_state())
-    if self.data.workers:
+    if self.workers:
       return {**self._header(), "processes": states}
     return {**self._header(), "streams": {k: v for s in states for k, v in s["streams"].items()}}
 
@@ -275,7 +275,7 @@ class GrainLoader:
             f"the data iterator was saved with {key}={state[key]}, this run has {have[key]}: "
             "the batches would differ. Resume with the same train.batch_size, train.seq_len and "
             "data.workers, or start a new train.run_dir.")
-    if self.data.workers:
+    if self.workers:
       if state["process_count"] != have["process_count"]:
         raise LoaderStateError(
             f"the data iterator was saved by {state['process_count']} processes with "
@@ -287,4 +287,18 @@ class GrainLoader:
       self._it.set_state(state["processes"][jax.process_index()])
     else:
       self._it.set_state({"streams": state["streams"]})
+    self._stats = {}
+
+  def restore(self, step: int, state: dict | None) -> None:
+    if state is None:
+      raise LoaderStateError(
+          f"step {step} was saved without a Grain iterator state (data.source=synthetic); "
+          "resume it with data.source=synthetic or start a new train.run_dir")
+    self.set_state(state)
+
+  def restart(self, at_step: int) -> None:
+    if self.workers:
+      raise LoaderStateError("only an in-process loader (workers=0) restarts")
+    self._ds.fixed_step = at_step
+    self._it = iter(self._ds)
     self._stats = {}

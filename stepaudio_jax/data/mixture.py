@@ -14,8 +14,7 @@ belongs to the same stage, whichever process or worker builds it.
 import math
 from collections.abc import Sequence
 
-from stepaudio_jax.data.config import StageConfig
-from stepaudio_jax.data.records import TASKS
+from stepaudio_jax.config.data import TASKS, StageConfig
 
 
 class StageSchedule:

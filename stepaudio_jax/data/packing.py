@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.templates import Segment
-from stepaudio_jax.models.tokens import TokenLayout, TokenType
-from stepaudio_jax.models.vision import VisionConfig
+from stepaudio_jax.models.tokens import TokenType
 
 
 def empty_row(seq_len: int, layout: TokenLayout, vision: VisionConfig) -> dict[str, np.ndarray]:

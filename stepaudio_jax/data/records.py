@@ -16,11 +16,10 @@ from collections.abc import Iterable, Sequence
 import msgpack
 import numpy as np
 
-from stepaudio_jax.models.tokens import TokenLayout
+from stepaudio_jax.config.data import TASKS
+from stepaudio_jax.config.model import TokenLayout
 
 FORMAT_VERSION = 1
-TASKS = ("text", "audio_continuation", "audio_text_interleaved", "asr", "tts", "image_text",
-         "aqta")
 
 
 class RecordError(ValueError):

@@ -1,7 +1,8 @@
 """Deterministic synthetic batches in the trainer's batch format.
 
 Every row is a pure function of (seed, split, step, global row index), so a batch does not
-depend on how many processes load it and resuming needs only the step. The rows are packed
+depend on how many processes load it and resuming needs only the step (the source's state is
+None). Split 0 trains; split 1 is eval, read from its step 0 at every eval. The rows are packed
 sequences of learnable segments: text (arithmetic progressions), dual-codebook audio (groups of
 2 linguistic + 3 semantic codes, each stream a progression) and, with an image encoder, a
 solid-colour image followed by a caption that names the colour.
@@ -12,34 +13,16 @@ Batch format (shared with the Grain loaders), all [B, T] unless noted:
   images [B, I, S, S, C] float32 in [-1, 1] when the model has an image encoder.
 """
 
-import dataclasses
-
 import numpy as np
 
+from stepaudio_jax.config.data import SyntheticConfig
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.packing import empty_row
-from stepaudio_jax.models.tokens import TokenLayout, TokenType
-from stepaudio_jax.models.vision import VisionConfig
+from stepaudio_jax.data.source import BatchSource, process_rows
+from stepaudio_jax.models.tokens import TokenType
 
 NUM_COLOURS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-  """Shares of segments by modality (the report's stage-1 mixture is audio:text:image 2:1:1)."""
-
-  audio_weight: float = 2.0
-  text_weight: float = 1.0
-  image_weight: float = 1.0
-  min_segment: int = 12
-  max_segment: int = 48
-
-  def __post_init__(self):
-    if min(self.audio_weight, self.text_weight, self.image_weight) < 0:
-      raise ValueError("synthetic modality weights must be >= 0")
-    if self.audio_weight + self.text_weight + self.image_weight <= 0:
-      raise ValueError("at least one synthetic modality weight must be positive")
-    if not 4 <= self.min_segment <= self.max_segment:
-      raise ValueError("need 4 <= min_segment <= max_segment")
+TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 
 
 def _progression(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -47,7 +30,7 @@ def _progression(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
   return (start + stride * np.arange(n)) % size
 
 
-class SyntheticSource:
+class SyntheticSource(BatchSource):
   def __init__(
       self,
       cfg: SyntheticConfig,
@@ -55,8 +38,11 @@ class SyntheticSource:
       vision: VisionConfig,
       seq_len: int,
       seed: int,
+      global_batch: int = 1,
+      split: int = TRAIN_SPLIT,
   ):
     self.cfg, self.layout, self.vision, self.seq_len, self.seed = cfg, layout, vision, seq_len, seed
+    self.global_batch, self.split, self.step = global_batch, split, 0
     weights = np.array([cfg.audio_weight, cfg.text_weight, cfg.image_weight if vision.enabled else 0])
     self.probs = weights / weights.sum()
 
@@ -117,3 +103,14 @@ class SyntheticSource:
     """Rows `rows` of the global batch at `step` (a process asks for its own rows)."""
     items = [self.row(split, step, i) for i in rows]
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.split, self.step, process_rows(self.global_batch))
+    self.step += 1
+    return out
+
+  def restore(self, step: int, state: dict | None) -> None:
+    self.step = step
+
+  def restart(self, at_step: int) -> None:
+    self.step = 0

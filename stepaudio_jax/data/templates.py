@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 from jaxtyping import Float, Int
 
+from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.interleave import interleave
 from stepaudio_jax.data.records import Example, task_of
 from stepaudio_jax.data.tokenizer import Tokenizer
-from stepaudio_jax.models.tokens import TokenLayout, TokenType
-from stepaudio_jax.models.vision import VisionConfig
+from stepaudio_jax.models.tokens import TokenType
 
 # Metadata keys whose values become TTS instruction tags, in this order, e.g. "(happy 1)", when
 # the example has no ready-made `instruction` prefix such as "(Cantonese)(fast 1)".

@@ -7,7 +7,7 @@ it runs anywhere and keeps every id inside the text block of the layout.
 
 from typing import Protocol
 
-from stepaudio_jax.models.tokens import TokenLayout
+from stepaudio_jax.config.model import TokenLayout
 
 BYTE_OFFSET = 16  # ids below this are reserved for special tokens (pad, bos, eos, BOT, ...)
 

@@ -24,13 +24,13 @@ from stepaudio_jax.export import vision_import
 from stepaudio_jax.export.orbax_reader import ExportError
 from stepaudio_jax.export.safetensors_io import SafetensorsDir
 from stepaudio_jax.models.omni import expand_vocabulary
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import train_step as ts
 from stepaudio_jax.training.checkpoint import Checkpointer
-from stepaudio_jax.training.optimizer import make_optimizer
+from stepaudio_jax.training.setup import setup
+from stepaudio_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+MODEL = "model"  # the pretraining task's one model: Step-Omni
 
 
 def read_hf_config(hf_dir: str) -> tuple[dict, str]:
@@ -87,7 +87,8 @@ def check_tensors(maps, hf: dict, tensors: SafetensorsDir, hf_dir: str, src_voca
       )
 
 
-def _lm_sources(cfg, hf: dict, tensors: SafetensorsDir, src_vocab: int, seed: int) -> dict:
+def _lm_sources(cfg: RunConfig, hf: dict, tensors: SafetensorsDir, src_vocab: int,
+                seed: int) -> dict:
   """For each of our LM arrays, fn(index) -> that slice as float32, read lazily per layer."""
   maps = layout.tensor_maps(cfg.model)
   by_path: dict[tuple, dict[int | None, layout.TensorMap]] = {}
@@ -134,34 +135,29 @@ def import_hf(hf_dir: str, run_dir: str, *, config: str = "configs/base.yaml",
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise ExportError(f"{ckpt_dir} already holds checkpoints; import into a new directory")
 
-  mesh = make_mesh(cfg.mesh)
-  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-  spec = ts.model_spec(cfg, shard)
-  init = functools.partial(ts.init_state, cfg, tx, shard, cfg.train.seed)
-  abstract = jax.eval_shape(init)
-  shardings = ts.state_shardings(spec, shard, abstract)
-
-  lm = jax.tree.map(lambda x: None, abstract.params["lm"])
+  run = setup(cfg)
+  abstract, shardings = run.abstract_state, run.state_shardings
+  lm = jax.tree.map(lambda x: None, abstract.params[MODEL]["lm"])
   for ours, fn in _lm_sources(cfg, hf, tensors, src_vocab, cfg.train.seed).items():
-    target = functools.reduce(lambda t, k: t[k], ours, abstract.params["lm"])
-    sharding = functools.reduce(lambda t, k: t[k], ours, shardings.params["lm"])
+    target = functools.reduce(lambda t, k: t[k], ours, abstract.params[MODEL]["lm"])
     _set(lm, ours, jax.make_array_from_callback(
-        target.shape, sharding, lambda idx, fn=fn, dt=target.dtype: fn(idx).astype(dt)))
+        target.shape, target.sharding, lambda idx, fn=fn, dt=target.dtype: fn(idx).astype(dt)))
 
   # Everything but the LM comes from the seed; XLA drops the unused LM initialisers.
   rest_sh = (shardings.params, shardings.frozen, shardings.rng)
-  with jax.set_mesh(mesh):
-    params, frozen, rng = jax.jit(lambda: (lambda s: (s.params, s.frozen, s.rng))(init()),
+  with jax.set_mesh(run.mesh):
+    params, frozen, rng = jax.jit(lambda: (lambda s: (s.params, s.frozen, s.rng))(run.init()),
                                   out_shardings=rest_sh)()
-  params = {**params, "lm": lm}
+  params = {**params, MODEL: {**params[MODEL], "lm": lm}}
   if vision_dir:
     enc = vision_import.siglip_vision_params(vision_dir, cfg.vision.num_layers)
-    frozen = {**frozen, "vision_encoder": jax.device_put(enc, shardings.frozen["vision_encoder"])}
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  state = ts.TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step),
-                        params=params, frozen=frozen, opt_state=opt_state, rng=rng)
+    frozen = {**frozen, MODEL: {**frozen[MODEL], "vision_encoder": jax.device_put(
+        enc, shardings.frozen[MODEL]["vision_encoder"])}}
+  with jax.set_mesh(run.mesh):
+    opt_state = {name: jax.jit(opt.tx.init, out_shardings=shardings.opt_state[name])(params[name])
+                 for name, opt in run.optimizers.items()}
+  state = TrainState(step=jax.device_put(np.zeros((), np.int32), shardings.step),
+                     params=params, frozen=frozen, opt_state=opt_state, rng=rng)
 
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0:

@@ -18,6 +18,7 @@ import tensorstore as ts
 
 from stepaudio_jax.config import RunConfig, load_config
 
+
 class ExportError(ValueError):
   """Bad input to export/import; the message names the file and the fix."""
 
@@ -58,8 +59,16 @@ def load_run_config(run_dir: str) -> RunConfig:
   return load_config(path)
 
 
+LEGACY_GROUPS = ("params", "frozen", "opt_state")  # trees that gained a model level in layout 2
+LEGACY_MODEL = "model"
+
+
 class CheckpointReader:
-  """Arrays of one checkpoint step by tree path, e.g. ('params', 'lm', 'layers', 'wq')."""
+  """Arrays of one checkpoint step by tree path, e.g. ('params', 'model', 'lm', 'layers', 'wq').
+
+  A checkpoint written before tasks (layout 1: no "layout" in its data item) stored one model's
+  trees without the model level; its arrays are read under the paths of model `model`.
+  """
 
   def __init__(self, path: str):
     self.run_dir, self.step_dir = resolve_step_dir(path)
@@ -68,11 +77,19 @@ class CheckpointReader:
       meta = json.load(f)
     self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     self._ocdbt = meta.get("use_ocdbt", True)
-    self.paths = [
+    stored = [
         tuple(k["key"] for k in entry["key_metadata"])
         for entry in meta["tree_metadata"].values()
         if entry["value_metadata"]["value_type"] == "jax.Array"
     ]
+    data_path = os.path.join(self.step_dir, "data", "metadata")
+    legacy = True
+    if os.path.isfile(data_path):
+      with open(data_path) as f:
+        legacy = json.load(f).get("layout", 1) == 1
+    self._stored = {(p[:1] + (LEGACY_MODEL,) + p[1:] if legacy and p[0] in LEGACY_GROUPS else p): p
+                    for p in stored}
+    self.paths = list(self._stored)
     self._open: dict[tuple, ts.TensorStore] = {}
     # One context for all arrays, no cache: a read decodes its chunk, copies the slice out and
     # lets the chunk go. One decoding thread: fewer per-thread malloc heaps holding freed chunks.
@@ -91,7 +108,7 @@ class CheckpointReader:
             "model (stored arrays start with "
             f"{sorted({'.'.join(p[:2]) for p in self.paths})})"
         )
-      name = ".".join(path)
+      name = ".".join(self._stored[path])
       if self._ocdbt:
         kvstore = {"driver": "ocdbt", "base": f"file://{self.state_dir}", "path": name}
       else:

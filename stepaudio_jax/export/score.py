@@ -12,9 +12,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
+from stepaudio_jax.config.model import DType, Step1Config
 from stepaudio_jax.export import step1_layout as layout
 from stepaudio_jax.export.orbax_reader import CheckpointReader, load_run_config
-from stepaudio_jax.models.step1 import DType, Step1, Step1Config
+from stepaudio_jax.models.step1 import Step1
 
 
 def load_lm(checkpoint: str) -> Step1:
@@ -26,7 +27,7 @@ def load_lm(checkpoint: str) -> Step1:
   params: dict = {}
   for path in {m.path for m in layout.tensor_maps(cfg)}:
     node = params
-    for key in path[2:-1]:
+    for key in path[len(layout.LM):-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = jnp.asarray(reader.read(path), jnp.float32)
   nnx.replace_by_pure_dict(state, params)

@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stepaudio_jax.models.step1 import PositionEncoding, Step1Config
-from stepaudio_jax.models.tokens import TokenLayout
+from stepaudio_jax.config.model import PositionEncoding, Step1Config, TokenLayout
 
-LM = ("params", "lm")
+LM = ("params", "model", "lm")  # the pretraining task's model `model`, its Step1 `lm`
 STEP1_ARCH, LLAMA_ARCH = "Step1ForCausalLM", "LlamaForCausalLM"
 
 

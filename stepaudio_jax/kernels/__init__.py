@@ -3,7 +3,13 @@
 xla: the reference einsum path (XLA partitions it). pallas: the flash kernels, Mosaic on TPU,
 Triton on GPU, interpret mode on CPU; under a mesh they run per device via shard_map.
 cudnn: jax.nn.dot_product_attention on cuDNN with the bias materialised (GPU only).
-auto: pallas on accelerators, xla on CPU (interpret mode is for tests, not speed).
+auto: pallas on TPU, xla on GPU and CPU. The Triton kernels lower for CUDA (tested on the CPU
+host) but have never run on a GPU, so nothing picks them unless asked by name; interpret mode
+on CPU is for tests, not speed.
+
+Queries against a KV cache (kv_segment_ids and kv_positions given) always run the xla path,
+whatever the implementation: the flash kernels are self-attention only (a decode kernel is
+future work).
 """
 
 import chex
@@ -12,10 +18,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from stepaudio_jax.kernels import alibi_flash_gpu, alibi_flash_tpu, sharded
+from stepaudio_jax.kernels.alibi import alibi_slopes
 from stepaudio_jax.kernels.dense_bias import dense_bias_attention
-from stepaudio_jax.kernels.layout import BlockSizes
+from stepaudio_jax.kernels.layout import BlockSizes, default_segments
 from stepaudio_jax.kernels.reference import xla_attention
-from stepaudio_jax.models.positional import alibi_slopes
 from stepaudio_jax.parallel.mesh import LogicalSharding
 
 BIASES = ("alibi_sqrt", "none")
@@ -24,12 +30,13 @@ DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64),
                   "cpu": BlockSizes(128, 128)}
 XLA_QUERY_BLOCK = 256  # the xla path skips causal key blocks past each query block
 
-__all__ = ["BIASES", "IMPLEMENTATIONS", "BlockSizes", "attention"]
+__all__ = ["BIASES", "IMPLEMENTATIONS", "BlockSizes", "attention", "resolve"]
 
 
-def _resolve(implementation: str, backend: str) -> str:
+def resolve(implementation: str, backend: str) -> str:
+  """The implementation that runs on `backend` ("tpu", "gpu", "cpu") for a requested one."""
   if implementation == "auto":
-    return "pallas" if backend in ("tpu", "gpu") else "xla"
+    return "pallas" if backend == "tpu" else "xla"
   if implementation == "cudnn" and backend != "gpu":
     raise ValueError(f"attention implementation 'cudnn' needs a GPU, but the backend is "
                      f"{backend!r}; use 'pallas', 'xla' or 'auto'")
@@ -37,11 +44,7 @@ def _resolve(implementation: str, backend: str) -> str:
 
 
 def _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, backend):
-  b, t, n, _ = q.shape
-  if segment_ids is None:
-    segment_ids = jnp.zeros((b, t), jnp.int32)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  n = q.shape[2]
   module = alibi_flash_gpu if backend == "gpu" else alibi_flash_tpu
   blocks = block_sizes or DEFAULT_BLOCKS.get(backend, DEFAULT_BLOCKS["cpu"])
 
@@ -58,11 +61,13 @@ def _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, b
 
 def attention(
     q: Float[Array, "B T N H"],
-    k: Float[Array, "B T K H"],
-    v: Float[Array, "B T K H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
     *,
-    segment_ids: Int[Array, "B T"] | None = None,
-    positions: Int[Array, "B T"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    q_positions: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    kv_positions: Int[Array, "B S"] | None = None,
     bias: str = "alibi_sqrt",
     causal: bool = True,
     implementation: str = "xla",
@@ -71,10 +76,16 @@ def attention(
 ) -> Float[Array, "B T N H"]:
   """Causal GQA attention with Step1's square-root ALiBi bias (or none, for RoPE models).
 
-  positions are in-segment positions (they drive the bias); segment_ids keep packed sequences
-  apart. Query head h reads kv head h // (N // K). shard (the model's LogicalSharding) lets the
-  pallas kernels run per device on batch- and head-sharded activations; block_sizes overrides
-  the per-backend kernel tiles.
+  Positions are true in-segment positions (they drive the bias); segment ids keep packed
+  sequences apart (missing: one segment, positions 0..T-1). Query head h reads kv head
+  h // (N // K).
+  Self-attention (no kv segment ids/positions): S == T, keys take the query's segment ids and
+  positions, causality is by index; every implementation runs it. Against a KV cache (kv
+  segment ids and positions both given): key s is visible to query t iff they share a segment
+  and kv_positions[s] <= q_positions[t], the bias distance is q_positions[t] - kv_positions[s];
+  this runs on the xla path whatever `implementation` names (pallas and cudnn fall back).
+  shard (the model's LogicalSharding) lets the pallas kernels run per device on batch- and
+  head-sharded activations; block_sizes overrides the per-backend kernel tiles.
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
@@ -87,13 +98,23 @@ def attention(
         f"attention implementation {implementation!r} is not available; "
         f"choose one of {IMPLEMENTATIONS}"
     )
+  if (kv_segment_ids is None) != (kv_positions is None):
+    raise ValueError("kv_segment_ids and kv_positions go together: give both (queries "
+                     "against a KV cache) or neither (self-attention)")
+  cached = kv_positions is not None
+  if not cached and k.shape[1] != q.shape[1]:
+    raise ValueError(f"self-attention needs as many keys as queries, got {k.shape[1]} and "
+                     f"{q.shape[1]}; pass kv_segment_ids and kv_positions for a KV cache")
   # The mesh's devices say where the program runs (an AOT compile for TPU runs on a CPU host).
   backend = shard.mesh.devices.flat[0].platform if shard is not None else jax.default_backend()
-  impl = _resolve(implementation, backend)
-  common = dict(segment_ids=segment_ids, positions=positions, bias=bias, causal=causal)
+  impl = "xla" if cached else resolve(implementation, backend)
+  q_segment_ids, q_positions = default_segments(q_segment_ids, q_positions, q.shape[:2])
   if impl == "xla":
     query_block = block_sizes.block_q if block_sizes else XLA_QUERY_BLOCK
-    return xla_attention(q, k, v, **common, query_block=query_block)
+    return xla_attention(q, k, v, q_segment_ids=q_segment_ids, q_positions=q_positions,
+                         kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, bias=bias,
+                         causal=causal, query_block=query_block)
   if impl == "cudnn":
-    return dense_bias_attention(q, k, v, **common, implementation="cudnn")
-  return _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, backend)
+    return dense_bias_attention(q, k, v, segment_ids=q_segment_ids, positions=q_positions,
+                                bias=bias, causal=causal, implementation="cudnn")
+  return _pallas(q, k, v, q_segment_ids, q_positions, bias, causal, shard, block_sizes, backend)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from stepaudio_jax.kernels.reference import alibi_sqrt_bias
+from stepaudio_jax.kernels.alibi import alibi_slopes, alibi_sqrt_bias
+from stepaudio_jax.kernels.layout import default_segments
 from stepaudio_jax.kernels.tiles import MASKED
-from stepaudio_jax.models.positional import alibi_slopes
 
 
 def dense_bias_attention(
@@ -24,12 +24,14 @@ def dense_bias_attention(
     causal: bool,
     implementation: str,
 ) -> Float[Array, "B T N H"]:
-  """Segments and ALiBi folded into one bias tensor; causality stays with the library."""
-  b, t, n, _ = q.shape
+  """Segments and ALiBi folded into one bias tensor; causality stays with the library.
+
+  Without segment ids the row is one segment and no segment mask is built.
+  """
+  n = q.shape[2]
   dense = None
   if bias == "alibi_sqrt":
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    _, positions = default_segments(segment_ids, positions, q.shape[:2])
     dense = alibi_sqrt_bias(jnp.asarray(alibi_slopes(n)), positions, positions)
   if segment_ids is not None:
     same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]

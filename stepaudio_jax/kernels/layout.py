@@ -1,4 +1,4 @@
-"""Wrapper-side layout shared by the kernels: block sizes, padding, causal block ranges."""
+"""Wrapper-side layout shared by the kernels: defaults, block sizes, padding, causal ranges."""
 
 import dataclasses
 import math
@@ -8,6 +8,23 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 PAD_SEGMENT = jnp.iinfo(jnp.int32).min  # never equal to a real segment id
+# The segment id of a row that is one sequence. The data numbers packed segments from 1 and
+# marks padding 0, so a default of 1 never pairs a real row with padding.
+ONE_SEGMENT = 1
+
+
+def default_segments(
+    segment_ids: Int[Array, "B T"] | None,
+    positions: Int[Array, "B T"] | None,
+    shape: tuple[int, int],
+) -> tuple[Int[Array, "B T"], Int[Array, "B T"]]:
+  """The one default everywhere: missing segment ids = ONE_SEGMENT, missing positions = 0..T-1."""
+  b, t = shape
+  if segment_ids is None:
+    segment_ids = jnp.full((b, t), ONE_SEGMENT, jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return segment_ids, positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +65,8 @@ def pad_to_blocks(
     padded_length: int,
 ) -> Padded:
   """Fill in default segments/positions and pad the sequence axis (differentiably) to Tp."""
-  b, t = q.shape[:2]
-  if segment_ids is None:
-    segment_ids = jnp.zeros((b, t), jnp.int32)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  t = q.shape[1]
+  segment_ids, positions = default_segments(segment_ids, positions, q.shape[:2])
   extra = padded_length - t
   pad4 = ((0, 0), (0, extra), (0, 0), (0, 0))
   return Padded(

@@ -1,7 +1,8 @@
 """Step-Omni: a Step1 LM whose vocabulary holds audio tokens, plus a frozen image encoder.
 
 Image features replace the embeddings at image-placeholder positions, in order: the n-th
-placeholder of a row takes the n-th patch feature of that row's images.
+placeholder of a row takes the n-th patch feature of that row's images. With a KV cache, images
+go in with the prompt (the prefill); decode steps are text and audio tokens.
 """
 
 import jax
@@ -10,9 +11,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from stepaudio_jax.models.step1 import Step1, Step1Config
-from stepaudio_jax.models.tokens import TokenLayout
-from stepaudio_jax.models.vision import Projector, VisionConfig, VisionEncoder
+from stepaudio_jax.config.model import Step1Config, TokenLayout, VisionConfig
+from stepaudio_jax.models.kv_cache import KVCache
+from stepaudio_jax.models.step1 import Step1
+from stepaudio_jax.models.vision import Projector, VisionEncoder
 from stepaudio_jax.parallel.mesh import LogicalSharding
 
 # The image encoder is frozen: its parameters are split off the trainable state, get no
@@ -42,6 +44,18 @@ class StepOmni(nnx.Module):
       self.vision_encoder = VisionEncoder(vision, rngs=rngs)
       self.projector = Projector(vision.hidden_size, cfg.hidden_size, rngs=rngs)
 
+  def embed_inputs(
+      self, tokens: Int[Array, "B T"], images: Float[Array, "B I S S C"] | None = None
+  ) -> Float[Array, "B T D"]:
+    """Token embeddings with the image features at the placeholders."""
+    x = self.lm.embed_tokens(tokens)
+    if images is not None and self.vision_cfg.enabled:
+      b, i = images.shape[:2]
+      feats = jax.lax.stop_gradient(self.vision_encoder(images.reshape(b * i, *images.shape[2:])))
+      feats = self.projector(feats).reshape(b, -1, x.shape[-1]).astype(x.dtype)
+      x = place_image_features(x, tokens == self.tokens.image_placeholder_id, feats)
+    return x
+
   def __call__(
       self,
       tokens: Int[Array, "B T"],
@@ -49,13 +63,21 @@ class StepOmni(nnx.Module):
       positions: Int[Array, "B T"],
       images: Float[Array, "B I S S C"] | None = None,
   ) -> Float[Array, "B T V"]:
-    x = self.lm.embed_tokens(tokens)
-    if images is not None and self.vision_cfg.enabled:
-      b, i = images.shape[:2]
-      feats = jax.lax.stop_gradient(self.vision_encoder(images.reshape(b * i, *images.shape[2:])))
-      feats = self.projector(feats).reshape(b, -1, x.shape[-1]).astype(x.dtype)
-      x = place_image_features(x, tokens == self.tokens.image_placeholder_id, feats)
-    return self.lm.decode(x, segment_ids, positions)
+    h, _ = self.lm.hidden_states(self.embed_inputs(tokens, images), segment_ids, positions)
+    return self.lm.logits(h)
+
+  def extend(
+      self,
+      tokens: Int[Array, "B T"],
+      segment_ids: Int[Array, "B T"],
+      positions: Int[Array, "B T"],
+      cache: KVCache,
+      images: Float[Array, "B I S S C"] | None = None,
+  ) -> tuple[Float[Array, "B T V"], KVCache]:
+    """Step1.extend with images placed among the new tokens (give them with the prompt)."""
+    x = self.embed_inputs(tokens, images)
+    h, cache = self.lm.hidden_states(x, segment_ids, positions, cache)
+    return self.lm.logits(h), cache
 
 
 def place_image_features(

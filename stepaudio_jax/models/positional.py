@@ -1,19 +1,7 @@
-"""Position encodings: Step1's square-root ALiBi slopes and, for Llama-style ablations, RoPE."""
-
-import math
+"""RoPE, for Llama-style ablations; Step1's square-root ALiBi lives with the kernels (alibi.py)."""
 
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
-
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-  """ALiBi slopes; heads beyond the largest power of two take odd powers of 2**(-4/n)."""
-  n = 2 ** math.floor(math.log2(num_heads))
-  slopes = [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
-  base = 2.0 ** (-4.0 / n)
-  slopes += [base ** (2 * m - 1) for m in range(1, num_heads - n + 1)]
-  return np.asarray(slopes, dtype=np.float32)
 
 
 def apply_rope(

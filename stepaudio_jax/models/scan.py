@@ -2,22 +2,18 @@
 
 Layer activations worth keeping are tagged with `checkpoint_name` inside the layer; a policy
 names which tags survive the forward pass. The scan carries one layer's graph and slices the
-stacked parameters, so compile time does not grow with depth.
+stacked parameters, so compile time does not grow with depth. A KV cache is sliced the same
+way: each layer's keys and values go in with its parameters and come out as the scan's ys.
 """
 
-import enum
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-
-class Remat(str, enum.Enum):
-  NONE = "none"  # keep every activation
-  FULL = "full"  # keep only layer inputs
-  SAVE_DOTS = "save_dots"  # keep matmul outputs without batch dims
-  SAVE_QKV = "save_qkv"  # keep the q, k, v projections
-  SAVE_ATTENTION = "save_attention"  # keep the attention context (skips re-running attention)
+from stepaudio_jax.config.model import Remat
+from stepaudio_jax.models.kv_cache import KVCache
 
 
 def remat_policy(remat: Remat) -> Callable | None:
@@ -31,19 +27,35 @@ def remat_policy(remat: Remat) -> Callable | None:
 
 
 def run_layers(
-    layers: nnx.Module, x: jax.Array, *args, num_layers: int, remat: Remat, scan: bool
-) -> jax.Array:
-  """Apply `layers` (parameters stacked on axis 0) to x in order; args go to every layer."""
+    layers: nnx.Module, x: jax.Array, *args, num_layers: int, remat: Remat, scan: bool,
+    cache: KVCache | None = None,
+) -> jax.Array | tuple[jax.Array, KVCache]:
+  """Apply `layers` (parameters stacked on axis 0) to x in order; args go to every layer.
+
+  With a cache, layer i is called with cache=(the cache holding layer i's keys and values) and
+  returns (x, that cache updated); the result is (x, the cache with every layer's update).
+  """
   graphdef, state = nnx.split(layers)
 
-  def body(h, layer_state):
-    return nnx.merge(graphdef, layer_state)(h, *args), None
+  def body(h, xs):
+    layer_state, kv = xs
+    layer = nnx.merge(graphdef, layer_state)
+    if cache is None:
+      return layer(h, *args), None
+    h, layer_cache = layer(h, *args, cache=cache.replace(keys=kv[0], values=kv[1]))
+    return h, (layer_cache.keys, layer_cache.values)
 
   if Remat(remat) is not Remat.NONE:
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=not scan)
+  xs = (state, None if cache is None else (cache.keys, cache.values))
   if scan:
-    x, _ = jax.lax.scan(body, x, state)
+    x, kv = jax.lax.scan(body, x, xs)
+  else:
+    outs = []
+    for i in range(num_layers):
+      x, kv_i = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+      outs.append(kv_i)
+    kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  if cache is None:
     return x
-  for i in range(num_layers):
-    x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
-  return x
+  return x, cache.replace(keys=kv[0], values=kv[1])

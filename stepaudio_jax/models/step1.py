@@ -1,15 +1,18 @@
 """Step1 decoder-only LM: pre-norm RMSNorm, GQA with square-root ALiBi, SwiGLU, no biases.
 
 Axes used in names and einsums:
-  B batch, T sequence, D model width, N query heads, K kv heads, H head dim, F SwiGLU width,
-  V vocabulary, L layers.
+  B batch, T sequence (the new tokens), S key slots (the KV cache), D model width, N query
+  heads, K kv heads, H head dim, F SwiGLU width, V vocabulary, L layers.
 
 Parameters are fp32 and carry logical axis names (metadata `axes`); the forward pass casts them
 to `compute_dtype`. Layers are created stacked on a leading L axis and run by `run_layers`.
+
+The model is a backbone (`embed_tokens`, `hidden_states`) and a head (`logits`). Training calls
+the whole (`__call__`); a reward or value model is the backbone without the LM head plus a
+`ScalarHead` (heads.py); decoding runs new tokens against a KV cache (`extend`).
 """
 
-import dataclasses
-import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,71 +21,12 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from stepaudio_jax import kernels
+from stepaudio_jax.config.model import PositionEncoding, Step1Config
+from stepaudio_jax.kernels.layout import default_segments
+from stepaudio_jax.models.kv_cache import KVCache
 from stepaudio_jax.models.positional import apply_rope
-from stepaudio_jax.models.scan import Remat, run_layers
+from stepaudio_jax.models.scan import run_layers
 from stepaudio_jax.parallel.mesh import LogicalSharding
-
-
-class PositionEncoding(str, enum.Enum):
-  ALIBI_SQRT = "alibi_sqrt"  # Step1: bias -slope * sqrt(i - j), no RoPE
-  ROPE = "rope"  # Llama-style ablation; exports as LlamaForCausalLM
-
-
-class AttentionImpl(str, enum.Enum):
-  XLA = "xla"
-  PALLAS = "pallas"
-  CUDNN = "cudnn"
-  AUTO = "auto"
-
-
-class DType(str, enum.Enum):
-  FLOAT32 = "float32"
-  BFLOAT16 = "bfloat16"
-
-
-@dataclasses.dataclass(frozen=True)
-class Step1Config:
-  """One Step1 LM. Defaults are Step-Audio-Chat (130B), facts.md section 1."""
-
-  vocab_size: int = 74752
-  hidden_size: int = 12288
-  num_layers: int = 88
-  num_heads: int = 96
-  num_kv_heads: int = 8  # num_attention_groups in the public config
-  head_dim: int = 128
-  intermediate_size: int = 31232
-  max_seq_len: int = 32768
-  rms_norm_eps: float = 1e-5
-  position_encoding: PositionEncoding = PositionEncoding.ALIBI_SQRT
-  rope_theta: float = 10000.0
-  attention: AttentionImpl = AttentionImpl.XLA
-  remat: Remat = Remat.FULL
-  scan_layers: bool = True
-  param_dtype: DType = DType.FLOAT32
-  compute_dtype: DType = DType.BFLOAT16
-  init_std: float = 0.02
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      if isinstance(f.type, type) and issubclass(f.type, enum.Enum):
-        object.__setattr__(self, f.name, f.type(getattr(self, f.name)))
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "intermediate_size", "max_seq_len"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
-      )
-    if self.position_encoding == PositionEncoding.ROPE and self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for rope")
-
-  def num_params(self, include_embedding: bool = True) -> int:
-    d, f = self.hidden_size, self.intermediate_size
-    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * d * f + 2 * d
-    embed = 2 * self.vocab_size * d if include_embedding else 0
-    return self.num_layers * layer + d + embed
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -122,8 +66,15 @@ class Block(nnx.Module):
     return x if self.shard is None else self.shard.constrain(x, axes)
 
   def __call__(
-      self, x_BTD: Float[Array, "B T D"], segment_ids: Int[Array, "B T"], positions: Int[Array, "B T"]
-  ) -> Float[Array, "B T D"]:
+      self,
+      x_BTD: Float[Array, "B T D"],
+      segment_ids: Int[Array, "B T"],
+      positions: Int[Array, "B T"],
+      cache: KVCache | None = None,
+  ) -> Float[Array, "B T D"] | tuple[Float[Array, "B T D"], KVCache]:
+    """Without a cache: self-attention within segments. With this layer's cache: the new keys
+    and values go in at cache.index, the queries attend to every slot, and the updated cache
+    comes back with x."""
     cfg = self.cfg
     cd = jnp.dtype(cfg.compute_dtype.value)
     x_BTD = self._constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
@@ -141,9 +92,15 @@ class Block(nnx.Module):
       bias = "none"
     else:
       bias = "alibi_sqrt"
+    k_BSKH, v_BSKH, kv_segment_ids, kv_positions = k_BTKH, v_BTKH, None, None  # S = T
+    if cache is not None:
+      cache = cache.write_layer(k_BTKH, v_BTKH)
+      k_BSKH, v_BSKH = cache.keys, cache.values
+      kv_segment_ids, kv_positions = cache.segment_ids, cache.positions
     ctx_BTNH = kernels.attention(
-        q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids, positions=positions, bias=bias,
-        causal=True, implementation=cfg.attention.value, shard=self.shard,
+        q_BTNH, k_BSKH, v_BSKH, q_segment_ids=segment_ids, q_positions=positions,
+        kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, bias=bias, causal=True,
+        implementation=cfg.attention.value, shard=self.shard,
     )
     ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", ctx_BTNH, self.wo[...].astype(cd))
@@ -151,14 +108,28 @@ class Block(nnx.Module):
     h = self.post_attention_norm(x_BTD)
     gate_BTF = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(cd))
     up_BTF = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(cd))
-    act_BTF = self._constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
-    return x_BTD + jnp.einsum("btf,fd->btd", act_BTF, self.w_down[...].astype(cd))
+    act_BTF = self._constrain(jax.nn.silu(gate_BTF) * up_BTF,
+                              ("act_batch", "act_length", "act_mlp"))
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, self.w_down[...].astype(cd))
+    return x_BTD if cache is None else (x_BTD, cache)
 
 
 class Step1(nnx.Module):
-  """Embedding -> L blocks -> final norm -> untied LM head (fp32 logits)."""
+  """Embedding -> L blocks -> final norm -> untied LM head (fp32 logits).
 
-  def __init__(self, cfg: Step1Config, shard: LogicalSharding | None = None, *, rngs: nnx.Rngs):
+  with_lm_head=False builds the backbone alone, with no `lm_head` parameter (the trunk of a
+  reward or value model). Parameter names (embed, layers/..., final_norm/scale, lm_head) are
+  what checkpoints and the exporter read.
+  """
+
+  def __init__(
+      self,
+      cfg: Step1Config,
+      shard: LogicalSharding | None = None,
+      *,
+      with_lm_head: bool = True,
+      rngs: nnx.Rngs,
+  ):
     self.cfg, self.shard = cfg, shard
     pd = jnp.dtype(cfg.param_dtype.value)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -171,20 +142,32 @@ class Step1(nnx.Module):
 
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                          cfg.init_std, pd)
+    if with_lm_head:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                            cfg.init_std, pd)
 
   def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     return self.embed[...].astype(jnp.dtype(self.cfg.compute_dtype.value))[tokens]
 
-  def decode(
-      self, x_BTD: Float[Array, "B T D"], segment_ids: Int[Array, "B T"], positions: Int[Array, "B T"]
-  ) -> Float[Array, "B T V"]:
+  def hidden_states(
+      self,
+      x_BTD: Float[Array, "B T D"],
+      segment_ids: Int[Array, "B T"],
+      positions: Int[Array, "B T"],
+      cache: KVCache | None = None,
+  ) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """The L blocks and the final norm: (h, None) without a cache; with one, the T tokens also
+    attend to its slots and come back written into it (h, cache)."""
     cfg = self.cfg
-    x_BTD = run_layers(self.layers, x_BTD, segment_ids, positions, num_layers=cfg.num_layers,
-                       remat=cfg.remat, scan=cfg.scan_layers)
-    h = self.final_norm(x_BTD)
-    logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(h.dtype),
+    run = functools.partial(run_layers, self.layers, num_layers=cfg.num_layers,
+                            remat=cfg.remat, scan=cfg.scan_layers)
+    if cache is None:
+      return self.final_norm(run(x_BTD, segment_ids, positions)), None
+    x_BTD, cache = run(x_BTD, segment_ids, positions, cache=cache.add_slots(segment_ids, positions))
+    return self.final_norm(x_BTD), cache.advance(x_BTD.shape[1])
+
+  def logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    logits = jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
                         preferred_element_type=jnp.float32)
     if self.shard is not None:
       logits = self.shard.constrain(logits, ("act_batch", "act_length", "act_vocab"))
@@ -196,9 +179,20 @@ class Step1(nnx.Module):
       segment_ids: Int[Array, "B T"] | None = None,
       positions: Int[Array, "B T"] | None = None,
   ) -> Float[Array, "B T V"]:
-    b, t = tokens.shape
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return self.decode(self.embed_tokens(tokens), segment_ids, positions)
+    segment_ids, positions = default_segments(segment_ids, positions, tokens.shape)
+    h_BTD, _ = self.hidden_states(self.embed_tokens(tokens), segment_ids, positions)
+    return self.logits(h_BTD)
+
+  def extend(
+      self,
+      tokens: Int[Array, "B T"],
+      segment_ids: Int[Array, "B T"],
+      positions: Int[Array, "B T"],
+      cache: KVCache,
+  ) -> tuple[Float[Array, "B T V"], KVCache]:
+    """Run T new tokens against the cache: a prefill extends an empty cache by the (left-
+    padded) prompts, a decode step extends it by one token. Positions are true positions;
+    real tokens' segments are numbered from 1, as in training: 0 is left padding and empty
+    slots."""
+    h_BTD, cache = self.hidden_states(self.embed_tokens(tokens), segment_ids, positions, cache)
+    return self.logits(h_BTD), cache

@@ -4,44 +4,14 @@ Axes: B images, P patches, E encoder width, M encoder MLP width, D LM width.
 The encoder keeps the biases and LayerNorms of the public ViTs so their weights import as is.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from stepaudio_jax.models.scan import Remat, run_layers
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  """Encoder shape; defaults are a ViT-L/14 at 224 px (256 patches per image)."""
-
-  enabled: bool = False
-  image_size: int = 224
-  patch_size: int = 14
-  channels: int = 3
-  hidden_size: int = 1024
-  num_layers: int = 24
-  num_heads: int = 16
-  intermediate_size: int = 4096
-  layer_norm_eps: float = 1e-6
-  max_images_per_sequence: int = 1
-
-  def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(
-          f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-      )
-    if self.hidden_size % self.num_heads:
-      raise ValueError(
-          f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-      )
-
-  @property
-  def tokens_per_image(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+from stepaudio_jax.config.model import Remat, VisionConfig
+from stepaudio_jax.models.scan import run_layers
 
 
 def _row(v: nnx.Param) -> jax.Array:

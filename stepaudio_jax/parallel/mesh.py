@@ -11,77 +11,10 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
-def _default_rules() -> dict[str, list[str]]:
-  return {
-      # parameters
-      "vocab": ["tensor"],
-      "embed": ["fsdp"],
-      "heads": ["tensor"],
-      "kv_heads": ["tensor"],
-      "head_dim": [],
-      "mlp": ["tensor"],
-      "norm": [],
-      "layers": [],
-      "vision_embed": [],
-      "vision_mlp": [],
-      "vision_heads": [],
-      "patch": [],
-      # activations
-      "act_batch": ["data", "fsdp"],
-      "act_length": [],
-      "act_embed": [],
-      "act_heads": ["tensor"],
-      "act_kv_heads": ["tensor"],
-      "act_mlp": ["tensor"],
-      "act_vocab": ["tensor"],
-  }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Mesh shape (-1 fills the remaining devices) and the logical-axis rules."""
-
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
-  rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
-
-  def __post_init__(self):
-    sizes = [self.data, self.fsdp, self.tensor]
-    if sizes.count(-1) > 1:
-      raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    for name, size in zip(MESH_AXES, sizes):
-      if size == 0 or size < -1:
-        raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
-    for logical, axes in self.rules.items():
-      unknown = [a for a in axes if a not in MESH_AXES]
-      if unknown:
-        raise ValueError(
-            f"mesh.rules.{logical} names unknown mesh axes {unknown}; use {list(MESH_AXES)}"
-        )
-
-  def shape(self, num_devices: int) -> dict[str, int]:
-    sizes = dict(zip(MESH_AXES, (self.data, self.fsdp, self.tensor)))
-    known = math.prod(s for s in sizes.values() if s != -1)
-    for name, size in sizes.items():
-      if size == -1:
-        if num_devices % known:
-          raise ValueError(
-              f"mesh.{name}=-1 cannot fill {num_devices} devices: the other axes multiply to "
-              f"{known}, which does not divide {num_devices}"
-          )
-        sizes[name] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-      raise ValueError(
-          f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
-          "available; set one of mesh.data/fsdp/tensor to -1 or change the sizes"
-      )
-    return sizes
+from stepaudio_jax.config.mesh import MESH_AXES, MeshConfig
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -137,3 +70,32 @@ class LogicalSharding:
 
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, self.named(axes))
+
+  def tree(self, axes: dict, shapes=None, what: str = "parameter") -> dict:
+    """Shardings for a tree of logical axes; with shapes, first check the mesh divides each."""
+    if shapes is not None:
+      jax.tree_util.tree_map_with_path(
+          lambda path, a, s: self.check_divides(
+              f"{what} {jax.tree_util.keystr(path, simple=True, separator='/')} of shape "
+              f"{tuple(s.shape)} (axes {a})", s.shape, a),
+          axes, shapes, is_leaf=is_axes)
+    return jax.tree.map(self.named, axes, is_leaf=is_axes)
+
+
+def is_axes(x) -> bool:
+  """A leaf of a logical-axes tree: a tuple of axis names (None = not sharded)."""
+  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+def logical_axes(state: nnx.State) -> dict:
+  """Pure dict of every variable's logical axes; stacked layers get a leading 'layers' axis."""
+  flat = {}
+  for path, var in nnx.to_flat_state(state):
+    axes = tuple(var.get_metadata().get("axes") or ())
+    ndim = len(var.shape)
+    if ndim == len(axes) + 1:
+      axes = ("layers",) + axes
+    if ndim != len(axes):
+      raise ValueError(f"variable {'/'.join(map(str, path))} has no logical axes for all dims")
+    flat[path] = axes
+  return nnx.traversals.unflatten_mapping(flat)

@@ -8,14 +8,11 @@ FLOP and time estimate (for a scanned model it covers one layer's body once; see
 import dataclasses
 import os
 
-import jax
 import numpy as np
 
-from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
-from stepaudio_jax.training import flops as flops_lib
-from stepaudio_jax.training import train_step as ts
-from stepaudio_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from stepaudio_jax.training.trainer import global_batch_shapes
+from stepaudio_jax.config import RunConfig
+from stepaudio_jax.models import flops as flops_lib
+from stepaudio_jax.training.setup import setup
 
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 
@@ -47,20 +44,13 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   return list(topo.devices)
 
 
-def compile_train_step(cfg, topology: str, num_slices: int = 1) -> tuple[AotReport, object]:
+def compile_train_step(cfg: RunConfig, topology: str, num_slices: int = 1
+                       ) -> tuple[AotReport, object]:
   """(report, compiled executable) for cfg's train step on the given TPU slice."""
   devices = tpu_devices(topology, num_slices)
-  mesh = make_mesh(cfg.mesh, devices)
-  shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  tc = cfg.train
-  batch_shapes = global_batch_shapes(cfg)
-  steps = ts.build_steps(cfg, shard, make_optimizer(cfg.optimizer, tc.steps), batch_shapes,
-                         learning_rate_schedule(cfg.optimizer, tc.steps), tc.seed)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       steps.abstract_state, steps.state_shardings)
-  batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       batch_shapes, steps.batch_shardings)
-  compiled = steps.train.lower(state, batch).compile()
+  run = setup(cfg, devices)
+  mesh, tc = run.mesh, cfg.train
+  compiled = run.train.lower(run.abstract_state, run.batch).compile()
   mem = compiled.memory_analysis()
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
@@ -77,5 +67,5 @@ def compile_train_step(cfg, topology: str, num_slices: int = 1) -> tuple[AotRepo
       hbm_per_chip=HBM_BYTES.get(generation, 0),
       analytic_bytes_per_chip=flops_lib.train_memory_estimate(cfg, micro, chips).total,
       xla_flops=float(cost.get("flops", np.nan)),
-      step_flops=flops_lib.train_step_flops(cfg, tc.batch_size),
+      step_flops=run.task.flops_per_step(),
   ), compiled

@@ -1,13 +1,17 @@
-"""Orbax checkpoints of the train state and the data iterator, restorable onto any mesh.
+"""Orbax checkpoints of the train state and the data source's position, restorable onto any mesh.
 
-Layout: RUN_DIR/checkpoints/<step>/{state,data}. Orbax writes each step into a temporary
-directory and renames it when complete, so a step directory is either whole or absent; leftover
-temporary directories (a save cut short) are reported and never read. Restore takes abstract
-targets that carry the current mesh's shardings, which is what lets a run saved on one mesh
-resume on another.
+Layout: RUN_DIR/checkpoints/<step>/{state,data}. `state` is the TrainState (params, frozen and
+opt_state keyed by model name); `data` is JSON: {"layout": 2, "step", "train_steps",
+"iterator"?} with the source's position. Orbax writes each step into a temporary directory and
+renames it when complete, so a step directory is either whole or absent; leftover temporary
+directories (a save cut short) are reported and never read. Restore takes abstract targets that
+carry the current mesh's shardings, which is what lets a run saved on one mesh resume on another.
+
+Layout 1 (checkpoints written before tasks, without "layout" in `data`) held one model's trees
+directly under params/frozen/opt_state; they restore as the model `model` of a one-model task
+(pretraining), so old runs resume, export and init_from as they are.
 """
 
-import dataclasses
 import logging
 import os
 
@@ -15,24 +19,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stepaudio_jax.config.training import CheckpointConfig
+
 log = logging.getLogger(__name__)
+LAYOUT = 2
+LEGACY_MODEL = "model"  # the name a layout-1 checkpoint's single model restores as
+# What reading a damaged, partial or mismatched checkpoint raises, found by damaging each file
+# of a step (flipped bytes, truncated, emptied, deleted): TensorStore's DATA_LOSS / OUT_OF_RANGE
+# / NOT_FOUND and Orbax's tree mismatches are ValueErrors, bad metadata JSON a JSONDecodeError
+# or UnicodeDecodeError (ValueErrors too), a missing item file a FileNotFoundError. Anything else
+# is a bug and propagates as itself.
+UNREADABLE = (ValueError, OSError)
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that exists but cannot be used; training stops rather than start over."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  every: int = 100  # save every N steps (and at the end, and on SIGTERM)
-  keep: int = 3  # newest K complete checkpoints are kept
-  async_save: bool = True  # training continues while a save is written
-  resume: bool = True  # resume from the newest checkpoint in the run directory
-  init_from: str = ""  # run directory of a (text-only) model whose params start step 0
-
-  def __post_init__(self):
-    if self.every <= 0 or self.keep <= 0:
-      raise ValueError("checkpoint.every and checkpoint.keep must be positive")
 
 
 def _abstract(tree):
@@ -40,6 +41,17 @@ def _abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree,
   )
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _legacy(state):
+  """A layout-2 state (or target) of a one-model task as the layout-1 tree it was saved as."""
+  return {"step": state.step, "params": state.params[LEGACY_MODEL],
+          "frozen": state.frozen[LEGACY_MODEL], "opt_state": state.opt_state[LEGACY_MODEL],
+          "rng": state.rng}
 
 
 class Checkpointer:
@@ -73,29 +85,48 @@ class Checkpointer:
     return self.manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({**data_state, "layout": LAYOUT}),
         ),
         force=force,
     )
 
+  def _unreadable(self, step: int, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint step {step} in {self.directory} cannot be restored ({_first_line(e)}). "
+        "It is corrupt, partial or from another model shape. Nothing was overwritten. Move "
+        "that step directory aside to resume from an earlier one (complete steps: "
+        f"{list(self.manager.all_steps())}), or point train.run_dir at a new directory to start "
+        "over.")
+
   def restore(self, step: int, target_state):
-    """Restore `step` onto the shardings of `target_state` (arrays or ShapeDtypeStructs)."""
+    """Restore `step` onto the shardings of `target_state` (a TrainState of arrays or
+    ShapeDtypeStructs); returns (state, data)."""
+    try:
+      data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      data = data["data"]
+    except UNREADABLE as e:
+      raise self._unreadable(step, e) from e
+    legacy = data.get("layout", 1) == 1
+    if legacy and list(target_state.params) != [LEGACY_MODEL]:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} was written before tasks (layout 1, one "
+          f"model) and this task has models {sorted(target_state.params)}; resume it with "
+          "task: pretrain, or start this task from it with checkpoint.init_from")
+    target = _abstract(_legacy(target_state) if legacy else target_state)
     try:
       restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(_abstract(target_state)), data=ocp.args.JsonRestore()
-          ),
-      )
-    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}). It is corrupt, partial or from another "
-          "model shape. Nothing was overwritten. Move that step directory aside to resume from "
-          f"an earlier one (complete steps: {list(self.manager.all_steps())}), or point "
-          "train.run_dir at a new directory to start over."
-      ) from e
-    return restored["state"], restored["data"]
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except UNREADABLE as e:
+      raise self._unreadable(step, e) from e
+    if legacy:
+      log.warning("checkpoint step %d has layout 1 (written before tasks): restored as model "
+                  "%r; the next save writes layout %d", step, LEGACY_MODEL, LAYOUT)
+      restored = target_state.replace(
+          step=restored["step"], rng=restored["rng"],
+          params={LEGACY_MODEL: restored["params"]}, frozen={LEGACY_MODEL: restored["frozen"]},
+          opt_state={LEGACY_MODEL: restored["opt_state"]})
+    return restored, data
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -105,10 +136,11 @@ class Checkpointer:
 
 
 def restore_params(run_dir: str) -> dict:
-  """The trainable parameters of a run directory's newest checkpoint, as host arrays.
+  """The trainable parameters, by model, of a run directory's newest checkpoint (host arrays).
 
   Reads only `params` (not the optimizer state), so init_from works for any model shape; the
-  caller checks the shapes against its own model.
+  caller checks the shapes against its own models. Layout-1 checkpoints come back as
+  {"model": params}.
   """
   directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -123,6 +155,8 @@ def restore_params(run_dir: str) -> dict:
     if step is None:
       raise CheckpointError(f"checkpoint.init_from={run_dir!r} holds no complete checkpoint")
     try:
+      legacy = manager.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore()))["data"].get("layout", 1) == 1
       params = manager.item_metadata(step)["state"].tree["params"]
       target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params)}
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -130,11 +164,12 @@ def restore_params(run_dir: str) -> dict:
           restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
           partial_restore=True,
       )))
-    except Exception as e:  # as in Checkpointer.restore: many error types for unreadable files
+    except UNREADABLE as e:
       raise CheckpointError(
           f"checkpoint.init_from={run_dir!r}: step {step} in {directory} cannot be read "
-          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+          f"({_first_line(e)})"
       ) from e
   finally:
     manager.close()
-  return restored["state"]["params"]
+  params = restored["state"]["params"]
+  return {LEGACY_MODEL: params} if legacy else params

@@ -1,4 +1,4 @@
-"""AdamW with the report's parameter groups (facts.md section 4).
+"""AdamW with the report's parameter groups (facts.md section 4), one per trained model.
 
 Groups: the backbone, and the embedding + LM head, which run at `embed_lr_multiplier` times the
 backbone rate (5x in pretraining stages 1-2 so the new audio tokens converge, 1x in stage 3).
@@ -7,45 +7,14 @@ Norm scales get no weight decay.
 """
 
 import dataclasses
-import enum
+from collections.abc import Callable
 
 import jax
 import optax
 
+from stepaudio_jax.config.training import OptimizerConfig, Schedule
+
 EMBED_GROUP_PARAMS = ("embed", "lm_head")
-
-
-class Schedule(str, enum.Enum):
-  CONSTANT = "constant"
-  COSINE = "cosine"  # warmup, then cosine from learning_rate down to end_learning_rate
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  learning_rate: float = 2e-5  # backbone peak
-  end_learning_rate: float = 5e-6  # cosine floor
-  schedule: Schedule = Schedule.CONSTANT
-  warmup_steps: int = 0
-  decay_steps: int = 0  # cosine length after warmup; 0 = until the end of training
-  embed_lr_multiplier: float = 5.0
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  grad_clip_norm: float = 1.0  # 0 disables clipping
-
-  def __post_init__(self):
-    object.__setattr__(self, "schedule", Schedule(self.schedule))
-    if self.learning_rate <= 0 or self.end_learning_rate < 0:
-      raise ValueError("learning_rate must be positive and end_learning_rate non-negative")
-    if self.end_learning_rate > self.learning_rate:
-      raise ValueError(
-          f"end_learning_rate={self.end_learning_rate} exceeds learning_rate={self.learning_rate}"
-      )
-    if self.warmup_steps < 0 or self.decay_steps < 0:
-      raise ValueError("warmup_steps and decay_steps must be >= 0")
-    if self.embed_lr_multiplier <= 0:
-      raise ValueError(f"embed_lr_multiplier must be positive, got {self.embed_lr_multiplier}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, scale: float = 1.0):
@@ -97,3 +66,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
       groups,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """One trained model's update rule and the (backbone) learning rate it reports."""
+
+  tx: optax.GradientTransformation
+  schedule: Callable
+
+  @classmethod
+  def create(cls, cfg: OptimizerConfig, total_steps: int) -> "Optimizer":
+    return cls(make_optimizer(cfg, total_steps), learning_rate_schedule(cfg, total_steps))

@@ -1,9 +1,45 @@
-"""Progress lines and TensorBoard events for long runs."""
+"""Progress lines and TensorBoard events for long runs, and the peak FLOP/s that MFU divides by."""
 
 import math
 import time
+from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from tensorboardX import SummaryWriter
+
+# bf16 dense matmul peaks, FLOP/s per device.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+# Short names in the progress line for metrics whose full names are long.
+SHORT_NAMES = {"learning_rate": "lr"}
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Achieved FLOP/s of one large square matmul on the default device (best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def device_peak_flops(override: float = 0.0) -> float:
+  """Per-device bf16 peak: `override` if set, else the accelerator table, else measured (CPU)."""
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak
+  # CPU (emulated devices share the host): the host's measured peak split evenly.
+  return measure_matmul_peak(1024) / jax.local_device_count()
 
 
 def format_duration(seconds: float) -> str:
@@ -13,48 +49,54 @@ def format_duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Progress:
-  """Turns fetched step metrics into a progress line (step, loss, tokens/s, MFU, ETA) and events.
+def _format(value: float) -> str:
+  return f"{value:.2e}" if 0 < abs(value) < 1e-2 else f"{value:.4f}" if abs(value) < 10 else \
+      f"{value:.3f}"
 
-  Only process 0 prints and writes events.
+
+class Progress:
+  """Turns fetched step metrics into a progress line (step, the task's headline metrics,
+  tokens/s, MFU, ETA) and TensorBoard events. Only process 0 prints and writes events.
   """
 
-  def __init__(self, log_dir: str, total_steps: int, flops_per_step: float, peak_flops: float,
-               is_lead: bool, print_fn=print):
-    self.total_steps, self.flops_per_step, self.peak_flops = total_steps, flops_per_step, peak_flops
-    self.is_lead, self.print = is_lead, print_fn
+  def __init__(self, log_dir: str, total_steps: int, tokens_per_step: float,
+               flops_per_step: float, peak_flops: float, keys: Sequence[str], is_lead: bool,
+               print_fn=print):
+    self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+    self.keys, self.is_lead, self.print = tuple(keys), is_lead, print_fn
     self.writer = SummaryWriter(log_dir) if is_lead else None
     self._last = None
 
   def start(self, step: int) -> None:
     self._last = (step, time.perf_counter())
 
-  def log_train(self, step: int, metrics: dict[str, float], tokens_per_step: float) -> dict:
+  def log_train(self, step: int, metrics: dict[str, float]) -> dict:
     """`step` is the number of optimizer steps done; returns the derived rates."""
     last_step, last_time = self._last
     now = time.perf_counter()
     dt = max(now - last_time, 1e-9) / max(step - last_step, 1)
     self._last = (step, now)
     rates = {
-        "tokens_per_second": tokens_per_step / dt,
+        "tokens_per_second": self.tokens_per_step / dt,
         "mfu": self.flops_per_step / dt / self.peak_flops if self.peak_flops else 0.0,
         "step_seconds": dt,
     }
     if self.is_lead:
+      head, *rest = [k for k in self.keys if k in metrics]
+      fields = [f"{head} {metrics[head]:.4f}",
+                f"tok/s {rates['tokens_per_second']:,.0f} MFU {100 * rates['mfu']:.1f}%"]
+      fields += [f"{SHORT_NAMES.get(k, k)} {_format(metrics[k])}" for k in rest]
       eta = format_duration((self.total_steps - step) * dt)
-      self.print(
-          f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} "
-          f"tok/s {rates['tokens_per_second']:,.0f} MFU {100 * rates['mfu']:.1f}% "
-          f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['learning_rate']:.2e} ETA {eta}",
-          flush=True,
-      )
+      self.print(f"step {step}/{self.total_steps} {' '.join(fields)} ETA {eta}", flush=True)
       for k, v in {**metrics, **rates}.items():
         self.writer.add_scalar(f"train/{k}", v, step)
     return rates
 
   def log_eval(self, step: int, metrics: dict[str, float]) -> None:
     if self.is_lead:
-      self.print(f"eval step {step} loss {metrics['loss']:.4f}", flush=True)
+      head = next((k for k in (*self.keys, "loss") if k in metrics), next(iter(metrics)))
+      self.print(f"eval step {step} {head} {metrics[head]:.4f}", flush=True)
       for k, v in metrics.items():
         self.writer.add_scalar(f"eval/{k}", v, step)
 

@@ -10,27 +10,27 @@ The frozen image encoder adds its forward only; its projector adds 3x.
 """
 
 import dataclasses
-import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from stepaudio_jax.config import RunConfig
+from stepaudio_jax.config.model import Step1Config, VisionConfig
 
 
-def lm_matmul_params(model) -> int:
+def lm_matmul_params(model: Step1Config) -> int:
   d, h = model.hidden_size, model.head_dim
   attn = d * h * (2 * model.num_heads + 2 * model.num_kv_heads)
   mlp = 3 * d * model.intermediate_size
   return model.num_layers * (attn + mlp) + d * model.vocab_size
 
 
-def train_flops_per_token(model, seq_len: int) -> float:
+def train_flops_per_token(model: Step1Config, seq_len: int) -> float:
   t_avg = (seq_len + 1) / 2
   attention = 4 * model.num_layers * model.num_heads * model.head_dim * t_avg
   return 3 * (2 * lm_matmul_params(model) + attention)
 
 
-def vision_train_flops_per_image(vision, lm_width: int) -> float:
+def vision_train_flops_per_image(vision: VisionConfig, lm_width: int) -> float:
   if not vision.enabled:
     return 0.0
   p, e, m = vision.tokens_per_image, vision.hidden_size, vision.intermediate_size
@@ -40,7 +40,7 @@ def vision_train_flops_per_image(vision, lm_width: int) -> float:
   return patch + vision.num_layers * layer + projector
 
 
-def train_step_flops(cfg, batch_size: int) -> float:
+def train_step_flops(cfg: RunConfig, batch_size: int) -> float:
   tokens = batch_size * cfg.train.seq_len
   images = batch_size * cfg.vision.max_images_per_sequence if cfg.vision.enabled else 0
   return (tokens * train_flops_per_token(cfg.model, cfg.train.seq_len)
@@ -59,7 +59,7 @@ class MemoryEstimate:
     return self.params + self.grads + self.optimizer + self.activations
 
 
-def train_memory_estimate(cfg, micro_batch: int, devices: int = 1) -> MemoryEstimate:
+def train_memory_estimate(cfg: RunConfig, micro_batch: int, devices: int = 1) -> MemoryEstimate:
   """Bytes per device: fp32 params, grads and Adam moments (sharded evenly), plus activations.
 
   Activations: the residual stream saved at each layer boundary (under remat), plus the live
@@ -82,16 +82,3 @@ def train_memory_estimate(cfg, micro_batch: int, devices: int = 1) -> MemoryEsti
       optimizer=8.0 * n_params / devices,
       activations=saved + layer + scores + logits,
   )
-
-
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Achieved FLOP/s of one large square matmul on the default device (best of `repeats`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = np.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best

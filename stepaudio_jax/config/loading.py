@@ -1,14 +1,15 @@
-"""Run configuration: YAML files with inheritance and dotted overrides, one typed schema.
+"""Loading configs: YAML files with inheritance and dotted overrides, checked by one schema.
 
 A YAML file may name its base (`base: ../base.yaml`, or a list of them, relative to the file);
 bases merge first, the file on top, then `key=value` overrides from the command line. OmegaConf
-checks every key and type against the dataclasses below (safe YAML only); each section's
-dataclass checks its own values, and `RunConfig` checks values across sections. Errors name the
-key and the file (or "command line") that set it.
+checks every key and type against RunConfig (safe YAML only); each section's dataclass checks
+its own values, and `RunConfig` checks values across sections. Errors name the key and the file
+(or "command line") that set it.
 """
 
 import dataclasses
 import enum
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -17,51 +18,21 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stepaudio_jax.data.config import DataConfig
-from stepaudio_jax.data.synthetic import SyntheticConfig
-from stepaudio_jax.models.step1 import Step1Config
-from stepaudio_jax.models.tokens import TokenLayout
-from stepaudio_jax.models.vision import VisionConfig
-from stepaudio_jax.parallel.mesh import MeshConfig
-from stepaudio_jax.training.checkpoint import CheckpointConfig
-from stepaudio_jax.training.optimizer import OptimizerConfig
-from stepaudio_jax.training.trainer import TrainConfig
+from stepaudio_jax.config.run import RunConfig
+
+log = logging.getLogger(__name__)
 
 BASE_KEY = "base"
+# Keys that configs written by earlier versions (e.g. a run's config.yaml) may hold; they are
+# dropped with a warning so old runs still load, and the reason says what replaced them.
+RETIRED_KEYS = {
+    ("data", "eval_seed_offset"): "eval reads the held-out data.eval_shards instead of "
+                                  "reshuffling the training shards",
+}
 
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key, where it was set and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  model: Step1Config = dataclasses.field(default_factory=Step1Config)
-  tokens: TokenLayout = dataclasses.field(default_factory=TokenLayout)
-  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
-  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-  synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-  data: DataConfig = dataclasses.field(default_factory=DataConfig)
-
-  def __post_init__(self):
-    needed = self.tokens.min_vocab_size(self.vision.enabled)
-    if self.model.vocab_size < needed:
-      raise ValueError(
-          f"model.vocab_size={self.model.vocab_size} is below the {needed} ids the token layout "
-          "needs (tokens.text_vocab_size + audio codes, + 1 image placeholder with vision)"
-      )
-    if self.synthetic.audio_weight and not (self.tokens.linguistic_codes
-                                            and self.tokens.semantic_codes):
-      raise ValueError("synthetic.audio_weight must be 0 for a model without audio codes")
-    if self.train.seq_len > self.model.max_seq_len:
-      raise ValueError(
-          f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
-      )
-    if self.vision.enabled and self.vision.tokens_per_image > self.train.seq_len:
-      raise ValueError("vision.tokens_per_image does not fit in train.seq_len")
 
 
 def _read_yaml(path: str) -> dict:
@@ -83,12 +54,20 @@ def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
   if path in seen:
     raise ConfigError(f"{path}: circular base chain {' -> '.join(seen + (path,))}")
   data = _read_yaml(path)
+  _drop_retired(data, path)
   bases = data.pop(BASE_KEY, [])
   bases = [bases] if isinstance(bases, str) else bases
   out = []
   for base in bases:
     out += _layers(os.path.join(os.path.dirname(path), base), seen + (path,))
   return out + [(path, data)]
+
+
+def _drop_retired(data: dict, path: str) -> None:
+  for (section, key), why in RETIRED_KEYS.items():
+    if isinstance(data.get(section), dict) and key in data[section]:
+      del data[section][key]
+      log.warning("%s: ignoring %s.%s, no longer a setting: %s", path, section, key, why)
 
 
 def _flat_keys(data, prefix="") -> list[str]:
@@ -133,13 +112,17 @@ def load_config(
     try:
       merged = OmegaConf.merge(merged, data)
     except OmegaConfBaseException as e:
+      choices = _enum_choices(e.full_key)
+      if choices:
+        raise ConfigError(f"{source}: {e.full_key}={e.value!r} is not one of {choices}") from e
       raise ConfigError(f"{source}: {_first_line(e)} (key {e.full_key})") from e
     for key in _flat_keys(data):
       provenance[key] = source
   sections = {}
   for f in dataclasses.fields(RunConfig):
     try:
-      sections[f.name] = OmegaConf.to_object(merged[f.name])
+      node = merged[f.name]
+      sections[f.name] = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
     except (ValueError, OmegaConfBaseException) as e:
       raise ConfigError(_explain(f.name, e, provenance)) from e
   try:
@@ -156,6 +139,18 @@ def load_config(
         f"batch_size={cfg.train.batch_size} does not divide over {num_processes} processes "
         "(each loads its own rows); make it a multiple of the process count"), provenance))
   return cfg
+
+
+def _enum_choices(key: str) -> list[str] | None:
+  """The allowed values of an enum field such as `model.remat` (OmegaConf names the members)."""
+  typ = RunConfig
+  for part in (key or "").split("."):
+    fields = {f.name: f.type for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) \
+        else {}
+    if part not in fields:
+      return None
+    typ = fields[part]
+  return [m.value for m in typ] if isinstance(typ, type) and issubclass(typ, enum.Enum) else None
 
 
 def _first_line(e: Exception) -> str:

@@ -1,18 +1,55 @@
-"""The `data` section of the run config: which source, which shards, which mixture when.
+"""Data sections: `data` (which source, which shards, which mixture when) and `synthetic`.
 
 `source: synthetic` (the default) keeps the deterministic synthetic batches; `source: grain`
-reads ArrayRecord shards of `records.Example`s, mixes them per stage and packs them. The text
-component may instead read a registered seqio Task (`seqio_task`, seqio_source.py).
+reads ArrayRecord shards of records, mixes them per stage and packs them. The text component
+may instead read a registered seqio Task (`seqio_task`, data/seqio_source.py).
 """
 
 import dataclasses
+import enum
 
-from stepaudio_jax.data.records import TASKS
+from stepaudio_jax.config.fields import coerce_enums
 
+# Record tasks: what an example on disk is (data/records.py), not the training task (`task:`).
+TASKS = ("text", "audio_continuation", "audio_text_interleaved", "asr", "tts", "image_text",
+         "aqta")
 AUDIO_TASKS = ("audio_continuation", "audio_text_interleaved", "asr", "tts", "aqta")
 MODALITY_OF_TASK = {"text": "text", "image_text": "image", **{t: "audio" for t in AUDIO_TASKS}}
-CODEBOOKS = ("dual", "semantic", "linguistic")
-SEQIO_IDS = ("retokenize", "task")
+
+
+class DataSource(str, enum.Enum):
+  SYNTHETIC = "synthetic"  # deterministic synthetic batches (data/synthetic.py)
+  GRAIN = "grain"  # ArrayRecord shards through Grain (data/loader.py)
+
+
+class Codebooks(str, enum.Enum):
+  DUAL = "dual"  # 2 linguistic + 3 semantic codes per 120 ms (the report)
+  SEMANTIC = "semantic"  # single-codebook ablations
+  LINGUISTIC = "linguistic"
+
+
+class SeqioIds(str, enum.Enum):
+  RETOKENIZE = "retokenize"  # decode the Task's ids with its vocabulary, encode with ours
+  TASK = "task"  # keep the Task's ids (right only if it uses our sentencepiece model)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """Shares of segments by modality (the report's stage-1 mixture is audio:text:image 2:1:1)."""
+
+  audio_weight: float = 2.0
+  text_weight: float = 1.0
+  image_weight: float = 1.0
+  min_segment: int = 12
+  max_segment: int = 48
+
+  def __post_init__(self):
+    if min(self.audio_weight, self.text_weight, self.image_weight) < 0:
+      raise ValueError("synthetic modality weights must be >= 0")
+    if self.audio_weight + self.text_weight + self.image_weight <= 0:
+      raise ValueError("at least one synthetic modality weight must be positive")
+    if not 4 <= self.min_segment <= self.max_segment:
+      raise ValueError("need 4 <= min_segment <= max_segment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +106,13 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | grain
+  source: DataSource = DataSource.SYNTHETIC
   shards: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # task -> globs
+  # Held-out shards per task (e.g. the corpus' eval-* files) that train.eval_every reads; a
+  # grain run with eval needs them for every task it mixes.
+  eval_shards: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])
-  codebooks: str = "dual"  # dual | semantic | linguistic (single-codebook ablation)
+  codebooks: Codebooks = Codebooks.DUAL  # single-codebook ablations: semantic | linguistic
   skip_malformed: bool = False  # skip + count bad records instead of stopping the run
   pack_lookahead: int = 8  # segments that may wait for a later row (first-fit packing)
   workers: int = 0  # grain mp_prefetch worker processes per JAX process (0 = in-process)
@@ -86,31 +126,31 @@ class DataConfig:
   seqio_task: str = ""
   seqio_module: str = ""  # module imported first, to register the Task (e.g. my_project.tasks)
   seqio_split: str = "train"
+  seqio_eval_split: str = "validation"  # what train.eval_every reads from the Task
   seqio_feature: str = "targets"
-  seqio_ids: str = "retokenize"  # retokenize (decode, encode with ours) | task (keep its ids)
-  eval_seed_offset: int = 1_000_003  # eval rows come from another shuffle of the same shards
+  seqio_ids: SeqioIds = SeqioIds.RETOKENIZE
 
   def __post_init__(self):
-    if self.source not in ("synthetic", "grain"):
-      raise ValueError(f"data.source must be synthetic or grain, got {self.source!r}")
-    if self.codebooks not in CODEBOOKS:
-      raise ValueError(f"data.codebooks must be one of {CODEBOOKS}, got {self.codebooks!r}")
+    coerce_enums(self)
     if self.pack_lookahead < 1:
       raise ValueError("data.pack_lookahead must be >= 1")
     if self.workers < 0:
       raise ValueError("data.workers must be >= 0")
-    if self.seqio_ids not in SEQIO_IDS:
-      raise ValueError(f"data.seqio_ids must be one of {SEQIO_IDS}, got {self.seqio_ids!r}")
     if self.seqio_task and self.shards.get("text"):
       raise ValueError("data.seqio_task replaces data.shards.text; set only one of them")
-    unknown = set(self.shards) - set(TASKS)
-    if unknown:
-      raise ValueError(f"data.shards has unknown tasks {sorted(unknown)}; tasks are {TASKS}")
+    for key in ("shards", "eval_shards"):
+      unknown = set(getattr(self, key)) - set(TASKS)
+      if unknown:
+        raise ValueError(f"data.{key} has unknown tasks {sorted(unknown)}; tasks are {TASKS}")
     if not self.stages:
       raise ValueError("data.stages needs at least one stage")
-    if self.source == "grain":
-      for i, stage in enumerate(self.stages):
-        for task, w in stage.task_weights().items():
-          if w > 0 and not self.shards.get(task) and not (task == "text" and self.seqio_task):
-            raise ValueError(f"data.stages[{i}] gives task {task!r} a share but data.shards has "
-                             f"no {task} globs; add them or set its weight to 0")
+    if self.source == DataSource.GRAIN:
+      for task in self.live_tasks():
+        if not self.shards.get(task) and not (task == "text" and self.seqio_task):
+          raise ValueError(f"data.stages give task {task!r} a share but data.shards has no "
+                           f"{task} globs; add them or set its weight to 0")
+
+  def live_tasks(self) -> list[str]:
+    """Record tasks with a positive share in some stage, in TASKS order."""
+    live = {t for stage in self.stages for t, w in stage.task_weights().items() if w > 0}
+    return [t for t in TASKS if t in live]

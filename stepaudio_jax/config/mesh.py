@@ -1,0 +1,74 @@
+"""The `mesh` section: mesh shape and the logical-axis rules (parallel/mesh.py applies them)."""
+
+import dataclasses
+import math
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _default_rules() -> dict[str, list[str]]:
+  return {
+      # parameters
+      "vocab": ["tensor"],
+      "embed": ["fsdp"],
+      "heads": ["tensor"],
+      "kv_heads": ["tensor"],
+      "head_dim": [],
+      "mlp": ["tensor"],
+      "norm": [],
+      "layers": [],
+      "vision_embed": [],
+      "vision_mlp": [],
+      "vision_heads": [],
+      "patch": [],
+      # activations
+      "act_batch": ["data", "fsdp"],
+      "act_length": [],
+      "act_embed": [],
+      "act_heads": ["tensor"],
+      "act_kv_heads": ["tensor"],
+      "act_mlp": ["tensor"],
+      "act_vocab": ["tensor"],
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape (-1 fills the remaining devices) and the logical-axis rules."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
+
+  def __post_init__(self):
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1:
+      raise ValueError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for name, size in zip(MESH_AXES, sizes):
+      if size == 0 or size < -1:
+        raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
+    for logical, axes in self.rules.items():
+      unknown = [a for a in axes if a not in MESH_AXES]
+      if unknown:
+        raise ValueError(
+            f"mesh.rules.{logical} names unknown mesh axes {unknown}; use {list(MESH_AXES)}"
+        )
+
+  def shape(self, num_devices: int) -> dict[str, int]:
+    sizes = dict(zip(MESH_AXES, (self.data, self.fsdp, self.tensor)))
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for name, size in sizes.items():
+      if size == -1:
+        if num_devices % known:
+          raise ValueError(
+              f"mesh.{name}=-1 cannot fill {num_devices} devices: the other axes multiply to "
+              f"{known}, which does not divide {num_devices}"
+          )
+        sizes[name] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+      raise ValueError(
+          f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+          "available; set one of mesh.data/fsdp/tensor to -1 or change the sizes"
+      )
+    return sizes

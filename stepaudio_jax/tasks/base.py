@@ -1,0 +1,168 @@
+"""What a training task is: its models, what of them trains and how, its batch, and its loss.
+
+A task holds everything that differs between phases (pretraining, SFT, a reward model, PPO,
+flow matching, a GAN vocoder). The step (training/step.py), the loop (training/loop.py) and the
+setup (training/setup.py) are shared and never name a task: a new phase is one file with a
+`Task` subclass plus its line in tasks/registry.py.
+
+Models are named parameter groups (`policy`, `critic`, `generator`, ...). The state holds, per
+group, its trainable parameters (`params[name]`), the rest (`frozen[name]`: no gradient, no
+optimizer state) and, for groups that train, one optimizer state (`opt_state[name]`).
+
+A loss is pure: `loss(params, frozen, batch, rng) -> (loss_sum, sums)`, where params and frozen
+map every group to its pure-dict tree and `sums` are additive (so microbatches add up); the step
+divides the loss and its gradients by `sums[update.denominator]` of the whole batch.
+"""
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stepaudio_jax.config import RunConfig
+from stepaudio_jax.config.training import OptimizerConfig
+from stepaudio_jax.data.source import BatchSource
+from stepaudio_jax.parallel.mesh import LogicalSharding
+
+Loss = Callable[[dict, dict, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class Split(enum.Enum):
+  TRAIN = "train"
+  EVAL = "eval"  # held-out data, read from its first batch at every eval
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchField:
+  """One array of the global batch, declared: shape (batch first), dtype, one logical axis per
+  dimension (mapped to mesh axes by mesh.rules; None = not sharded)."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: tuple[str | None, ...]
+
+  def __post_init__(self):
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"batch field of shape {self.shape} needs one logical axis per "
+                       f"dimension, got {self.axes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A named parameter group: how to build it, which of its variables train, and with what.
+
+  `build(rngs)` makes the module (all of a task's models draw from one nnx.Rngs, in order).
+  `trainable` is an nnx filter: matching variables get gradients and optimizer state, the rest
+  is frozen. `optimizer` is required exactly when something trains.
+  """
+
+  build: Callable[[nnx.Rngs], nnx.Module]
+  trainable: Any = nnx.Param
+  optimizer: OptimizerConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+  """One optimizer update inside a step: the groups it trains and the loss they descend.
+
+  A step runs its task's updates in order, each seeing the parameters the previous ones wrote:
+  (discriminator, generator) is the usual alternating GAN step.
+  """
+
+  groups: tuple[str, ...]
+  loss: Loss
+  name: str = ""
+  denominator: str = "tokens"
+
+
+def split_model(module: nnx.Module, trainable) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graph, trainable state, frozen state): the one split every part of the stack uses."""
+  return nnx.split(module, trainable, ...)
+
+
+class Task:
+  """Base class: subclasses define `models`, `batch_fields`, `loss` and `make_source`.
+
+  Built once per run by the setup with the run's config and sharding; everything it returns is
+  a pure function of them.
+  """
+
+  # Metrics shown on the progress line, the first one also for eval (the rest are in TensorBoard).
+  progress_keys: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")
+
+  def __init__(self, cfg: RunConfig, shard: LogicalSharding | None):
+    self.cfg, self.shard = cfg, shard
+    self._abstract: dict[str, tuple[nnx.GraphDef, nnx.State, nnx.State]] = {}
+
+  # -- what a subclass defines -------------------------------------------------------------
+
+  def models(self) -> dict[str, Model]:
+    raise NotImplementedError
+
+  def batch_fields(self) -> dict[str, BatchField]:
+    raise NotImplementedError
+
+  def loss(self, params: dict, frozen: dict, batch: dict, rng: jax.Array
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+  def make_source(self, split: Split) -> BatchSource:
+    raise NotImplementedError
+
+  def updates(self) -> tuple[Update, ...]:
+    """One update of every trained group on `loss`; override for several (e.g. G/D)."""
+    trained = tuple(n for n, m in self.models().items() if m.optimizer is not None)
+    return (Update(trained, self.loss),)
+
+  def metrics(self, sums: dict[str, jax.Array], denominator: str = "tokens"
+              ) -> dict[str, jax.Array]:
+    """Reported values from summed ones: `loss` is the mean; other sums pass through."""
+    return {"loss": sums["loss_sum"] / jnp.maximum(sums[denominator], 1.0),
+            **{k: v for k, v in sums.items() if k != "loss_sum"}}
+
+  def eval_sums(self, params: dict, frozen: dict, batch: dict, rng: jax.Array
+                ) -> dict[str, jax.Array]:
+    """What eval adds up over its batches: the first update's loss sums by default."""
+    return self.updates()[0].loss(params, frozen, batch, rng)[1]
+
+  def eval_metrics(self, sums: dict) -> dict:
+    """Eval's reported values from the sums of all its batches."""
+    return self.metrics(sums, self.updates()[0].denominator)
+
+  def tokens_per_step(self) -> float:
+    """For tokens/s on the progress line."""
+    return 0.0
+
+  def flops_per_step(self) -> float:
+    """Analytic model FLOPs of one step, for MFU (0 = not reported)."""
+    return 0.0
+
+  def warm_start(self, params: dict, loaded: dict) -> dict:
+    """New step-0 params from another run's (`checkpoint.init_from`), both host trees by group;
+    by default the groups the other run also has are taken as they are."""
+    out = dict(params)
+    for name, tree in loaded.items():
+      if name in out:
+        out[name] = tree
+    return out
+
+  # -- provided ----------------------------------------------------------------------------
+
+  def abstract(self, name: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Model `name` split as the state holds it, shapes only: (graph, trainable, frozen)."""
+    if name not in self._abstract:
+      model = self.models()[name]
+      module = nnx.eval_shape(lambda: model.build(nnx.Rngs(0)))
+      self._abstract[name] = split_model(module, model.trainable)
+    return self._abstract[name]
+
+  def graphdef(self, name: str) -> nnx.GraphDef:
+    return self.abstract(name)[0]
+
+  def merge(self, name: str, params: dict, frozen: dict) -> nnx.Module:
+    """Group `name` as a module, from the state's params and frozen trees (all groups)."""
+    return nnx.merge(self.graphdef(name), params[name], frozen[name])

@@ -1,0 +1,85 @@
+"""Pretraining (report section 4): next-token loss of Step-Omni over packed mixed-modality rows.
+
+One model, `model`: a Step-Omni (Step1 LM + image projector trainable, image encoder frozen)
+with the report's optimizer groups (optimizer.py). The batch is the packed-row format of
+data/packing.py; the loss is the masked next-token cross-entropy, reported per token type. Data
+comes from the synthetic source or the Grain stage mixture (`data.source`), eval from split 1 or
+the held-out shards. `checkpoint.init_from` takes another run's LM and grows its vocabulary.
+"""
+
+import logging
+
+import jax
+import numpy as np
+
+from stepaudio_jax.config.data import DataSource
+from stepaudio_jax.data.loader import GrainLoader
+from stepaudio_jax.data.source import BatchSource
+from stepaudio_jax.data.synthetic import EVAL_SPLIT, TRAIN_SPLIT, SyntheticSource
+from stepaudio_jax.models import flops
+from stepaudio_jax.models.omni import TRAINABLE, StepOmni, expand_vocabulary
+from stepaudio_jax.tasks import lm_loss
+from stepaudio_jax.tasks.base import BatchField, Model, Split, Task
+
+log = logging.getLogger(__name__)
+ROW = ("act_batch", "act_length")
+
+
+class PretrainTask(Task):
+  def models(self) -> dict[str, Model]:
+    cfg = self.cfg
+    return {"model": Model(
+        build=lambda rngs: StepOmni(cfg.model, cfg.vision, cfg.tokens, self.shard, rngs=rngs),
+        trainable=TRAINABLE, optimizer=cfg.optimizer)}
+
+  def batch_fields(self) -> dict[str, BatchField]:
+    b, t, v = self.cfg.train.batch_size, self.cfg.train.seq_len, self.cfg.vision
+    fields = {name: BatchField((b, t), np.int32, ROW)
+              for name in ("tokens", "targets", "target_types", "segment_ids", "positions")}
+    fields["loss_mask"] = BatchField((b, t), np.float32, ROW)
+    if v.enabled:
+      fields["images"] = BatchField(
+          (b, v.max_images_per_sequence, v.image_size, v.image_size, v.channels), np.float32,
+          ("act_batch", None, None, None, None))
+    return fields
+
+  def loss(self, params, frozen, batch, rng):
+    model = self.merge("model", params, frozen)
+    logits = model(batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("images"))
+    sums = lm_loss.loss_sums(logits, batch["targets"], batch["loss_mask"], batch["target_types"])
+    return sums["loss_sum"], sums
+
+  def metrics(self, sums, denominator="tokens"):
+    return lm_loss.finalize(sums)
+
+  def make_source(self, split: Split) -> BatchSource:
+    cfg, tc = self.cfg, self.cfg.train
+    if cfg.data.source == DataSource.GRAIN:
+      return GrainLoader(cfg.data, cfg.tokens, cfg.vision, tc.seq_len, tc.batch_size, tc.seed,
+                         held_out=split == Split.EVAL)
+    return SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed,
+                           tc.batch_size, EVAL_SPLIT if split == Split.EVAL else TRAIN_SPLIT)
+
+  def tokens_per_step(self) -> float:
+    return self.cfg.train.batch_size * self.cfg.train.seq_len
+
+  def flops_per_step(self) -> float:
+    return flops.train_step_flops(self.cfg, self.cfg.train.batch_size)
+
+  def warm_start(self, params: dict, loaded: dict) -> dict:
+    """The LM of another run (e.g. text-only), its vocabulary grown to model.vocab_size."""
+    source = self.cfg.checkpoint.init_from
+    lm = {"lm": loaded["model"]["lm"]}
+    old_vocab = lm["lm"]["embed"].shape[0]
+    if old_vocab != self.cfg.model.vocab_size:
+      lm = expand_vocabulary(lm, self.cfg.model.vocab_size,
+                             jax.random.key(self.cfg.train.seed + 7))
+      log.warning("expanded vocabulary of %s from %d to %d", source, old_vocab,
+                  self.cfg.model.vocab_size)
+    want = jax.tree.map(lambda x: x.shape, params["model"]["lm"])
+    got = jax.tree.map(lambda x: x.shape, lm["lm"])
+    if want != got:
+      raise ValueError(
+          f"checkpoint.init_from={source!r} has LM shapes {got} but the model config needs "
+          f"{want}; use a model config that matches it")
+    return {**params, "model": {**params["model"], "lm": lm["lm"]}}
