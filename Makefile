@@ -8,7 +8,7 @@ JOBS ?= 2
 ACCEL := $(shell ls /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | head -1; command -v nvidia-smi)
 CPU_ONLY := $(if $(ACCEL),,JAX_PLATFORMS=cpu)
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: $(STAMP)
 	$(CPU_ONLY) $(BIN)/stepaudio train configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(JOBS) -q tests
+	$(BIN)/python -m pytest -n $(JOBS) -q -m "not slow" tests
+
+# Multi-process fault and end-to-end runs (minutes); CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) -q -m slow tests
 
 bench: $(STAMP)
 	$(CPU_ONLY) $(BIN)/python benchmarks/train_step.py configs/bench.yaml

@@ -7,7 +7,12 @@ import os
 import sys
 
 from stepaudio_jax.launch import FLAGS as LAUNCH_FLAGS
-from stepaudio_jax.launch import LaunchError, add_flags, initialize_distributed
+from stepaudio_jax.launch import (
+  LaunchError,
+  add_flags,
+  initialize_distributed,
+  prefer_cpu_without_accelerators,
+)
 
 # Commands that may run as one process of a multi-process job (every process runs the same one).
 DISTRIBUTED_COMMANDS = ("train", "export", "score", "aot")
@@ -16,15 +21,12 @@ DISTRIBUTED_COMMANDS = ("train", "export", "score", "aot")
 def _train(args) -> int:
   import jax
 
-  from stepaudio_jax.config import dump_config, load_config
+  from stepaudio_jax.config import load_config
   from stepaudio_jax.training.trainer import train
 
   cfg = load_config(args.config, args.overrides, num_devices=jax.device_count(),
                     num_processes=jax.process_count())
-  os.makedirs(cfg.train.run_dir, exist_ok=True)
-  if jax.process_index() == 0:
-    dump_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-  train(cfg)
+  train(cfg)  # writes RUN_DIR/config.yaml once every check has passed
   return 0
 
 
@@ -58,7 +60,7 @@ def _export(args) -> int:
   summary = export_checkpoint(
       args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
       tokenizer_model=args.tokenizer, process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      process_count=jax.process_count(), overwrite=args.overwrite,
   )
   if jax.process_count() > 1:  # the directory is complete only when every process is done
     from jax.experimental import multihost_utils
@@ -103,6 +105,9 @@ def _add_export_commands(sub) -> None:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   p.add_argument("--tokenizer", default="", help="sentencepiece tokenizer.model to ship with it")
+  p.add_argument("--overwrite", action="store_true",
+                 help="export into a non-empty out_dir, replacing the model files there (weights, "
+                      "index, config, tokenizer) and keeping any other file")
   p.set_defaults(fn=_export)
 
   p = sub.add_parser("score", help="write the model's float32 logits [seq, vocab] for token ids")
@@ -145,18 +150,41 @@ def main(argv=None) -> int:
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  prefer_cpu_without_accelerators()
+  # A failed save surfaces as one CheckpointError from our checkpointer; Orbax's background
+  # threads would also log it, with tracebacks, once per thread.
+  logging.getLogger("absl").addFilter(
+      lambda r: r.levelno < logging.ERROR or "/orbax/" not in r.pathname)
   from stepaudio_jax.config import ConfigError
+  from stepaudio_jax.data.records import RecordError, ShardError
+  from stepaudio_jax.data.source import LoaderStateError
   from stepaudio_jax.export.orbax_reader import ExportError
   from stepaudio_jax.training.checkpoint import CheckpointError
 
+  # Expected failures: bad input or a broken environment, each explained by its message (the
+  # thing and the fix); anything else is a bug and keeps its traceback. FloatingPointError is
+  # a diverged run (hooks.check_finite); OSError an I/O failure such as a read-only directory.
+  expected = (ConfigError, CheckpointError, ExportError, LaunchError, RecordError, ShardError,
+              LoaderStateError, FloatingPointError, OSError)
   try:
     if args.command in DISTRIBUTED_COMMANDS:  # before anything asks JAX for devices
       initialize_distributed({k: getattr(args, k) for k in LAUNCH_FLAGS})
     return args.fn(args)
-  except (ConfigError, CheckpointError, ExportError, LaunchError) as e:
+  except expected as e:
     print(f"stepaudio {args.command}: error: {e}", file=sys.stderr)
     return 2
 
 
+def run() -> None:
+  """The `stepaudio` command: after an error, exit without the interpreter's teardown, where
+  Orbax's background threads of a failed save would print pages of tracebacks."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code:
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

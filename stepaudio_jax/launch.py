@@ -14,20 +14,38 @@ job's devices. `initialize_distributed` decides whether and how, in this order:
    `--distributed on` (`STEPAUDIO_DISTRIBUTED=on`) asks JAX to detect even without these, as on
    Cloud TPU VMs started by `gcloud ... ssh --worker=all`, which carry the slice in metadata;
 3. otherwise one process: nothing is initialised. `--distributed off` forces that.
+
+`--peer-timeout` (`STEPAUDIO_PEER_TIMEOUT`, seconds, default 100) bounds how long the job runs
+on after a process dies: the coordination service then misses its heartbeats and every other
+process exits non-zero instead of waiting in a collective forever.
 """
 
 import argparse
 import dataclasses
+import glob
 import os
 from collections.abc import Callable, Mapping
 
 ENV = {"coordinator": "STEPAUDIO_COORDINATOR", "num_processes": "STEPAUDIO_NUM_PROCESSES",
        "process_id": "STEPAUDIO_PROCESS_ID", "local_device_ids": "STEPAUDIO_LOCAL_DEVICE_IDS",
-       "distributed": "STEPAUDIO_DISTRIBUTED"}
+       "distributed": "STEPAUDIO_DISTRIBUTED", "peer_timeout": "STEPAUDIO_PEER_TIMEOUT"}
 FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
          "process_id": "--process-id", "local_device_ids": "--local-device-ids",
-         "distributed": "--distributed"}
+         "distributed": "--distributed", "peer_timeout": "--peer-timeout"}
+PEER_TIMEOUT = 100  # seconds; JAX's default heartbeat timeout
 MODES = ("auto", "on", "off")
+
+
+# Device files of the accelerators JAX can use: TPU (v4+ and vfio-bound), NVIDIA GPUs.
+ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def prefer_cpu_without_accelerators(environ=os.environ) -> None:
+  """With no accelerator on the host, keep JAX on the CPU backend (unless JAX_PLATFORMS says
+  otherwise): the TPU runtime that the test extra installs (for AOT compiles) would otherwise
+  initialise and print errors about missing TPU hosts. Call before importing jax."""
+  if "JAX_PLATFORMS" not in environ and not any(glob.glob(p) for p in ACCELERATOR_DEVICES):
+    environ["JAX_PLATFORMS"] = "cpu"
 
 
 class LaunchError(ValueError):
@@ -43,6 +61,7 @@ class Plan:
   local_device_ids: list[int] | None
   cluster_detection_method: str | None
   how: str
+  peer_timeout: int = PEER_TIMEOUT
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +71,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument(FLAGS["num_processes"], help="number of processes in the job")
   g.add_argument(FLAGS["process_id"], help="this process's index, 0 .. num-processes - 1")
   g.add_argument(FLAGS["local_device_ids"], help="comma-separated local devices this process uses")
+  g.add_argument(FLAGS["peer_timeout"],
+                 help=f"seconds the job outlives a dead process (default {PEER_TIMEOUT})")
   g.add_argument(FLAGS["distributed"], choices=MODES,
                  help="auto: join a detected cluster job (default); on: let JAX detect the "
                       "cluster (Cloud TPU VM metadata); off: always one process")
@@ -143,10 +164,11 @@ def plan(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Plan | 
   if num is not None and pid is not None and pid >= num:
     raise LaunchError(f"{pid_label}={pid} is not below {num_label}={num}: process ids run "
                       f"0 .. {num - 1}, a different one on each process")
+  peer_timeout = _parse_int(*s["peer_timeout"], low=1) or PEER_TIMEOUT
   cluster = detect_cluster(environ) if mode == "auto" else (None, f"{mode_label}=on")
   if cluster is not None:
     method, how = cluster
-    return Plan(coordinator, num, pid, ids, method, how)
+    return Plan(coordinator, num, pid, ids, method, how, peer_timeout)
   if not given:
     return None
   if num is None:
@@ -160,7 +182,7 @@ def plan(flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Plan | 
   if pid is None:
     raise LaunchError(f"{num_label}={num} needs {pid_label}: set it to this process's index, "
                       f"0 .. {num - 1}, a different one on each process")
-  return Plan(coordinator, num, pid, ids, None, f"coordinator {coordinator}")
+  return Plan(coordinator, num, pid, ids, None, f"coordinator {coordinator}", peer_timeout)
 
 
 def initialize_distributed(flags: Mapping[str, str | None] | None = None,
@@ -179,7 +201,8 @@ def initialize_distributed(flags: Mapping[str, str | None] | None = None,
     try:
       jax.distributed.initialize(p.coordinator, p.num_processes, p.process_id,
                                  p.local_device_ids,
-                                 cluster_detection_method=p.cluster_detection_method)
+                                 cluster_detection_method=p.cluster_detection_method,
+                                 heartbeat_timeout_seconds=p.peer_timeout)
     except ValueError as e:  # JAX found no cluster to read the missing settings from
       raise LaunchError(f"cannot join the multi-process job ({p.how}): JAX found no cluster "
                         f"settings ({str(e).rstrip('.')}); set "

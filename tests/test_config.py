@@ -137,3 +137,25 @@ def test_a_run_config_from_an_earlier_version_still_loads(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     assert load_config(out) == cfg
   assert "ignoring data.eval_seed_offset" in caplog.text and "eval_shards" in caplog.text
+
+
+def test_input_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+  """Before: data paths in configs/corpus.yaml resolved against the working directory while
+  `base:` resolved against the file, so the corpus config only worked from the repo root."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(tmp_path)
+  cfg = load_config(os.path.join(repo, "configs", "corpus.yaml"),
+                    ["data.tokenizer_model=relative/spm.model"])
+  assert cfg.data.shards["text"] == [
+      os.path.join(repo, "data_pipelines", "corpus", "text", "train-*.array_record")]
+  assert cfg.data.tokenizer_model == "relative/spm.model"  # the command line: the cwd's
+  dumped = str(tmp_path / "run" / "config.yaml")
+  os.makedirs(os.path.dirname(dumped))
+  dump_config(cfg, dumped)
+  assert load_config(dumped).data.shards == cfg.data.shards
+
+
+def test_a_missing_base_names_the_file_that_asked_for_it(tmp_path):
+  path = _write(tmp_path, "child.yaml", "base: parent.yaml\n")
+  with pytest.raises(ConfigError, match=r"child.yaml: base 'parent.yaml' does not exist"):
+    load_config(path)

@@ -105,7 +105,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc.kill()
   out = "".join(lines) + rest
   assert proc.returncode == 0, out[-3000:]
-  saved = re.search(r"SIGTERM: saved step (\d+)", out)
+  saved = re.search(r"preempted \(SIGTERM\): saved step (\d+)", out)
   assert saved, out[-3000:]
   step = int(saved.group(1))
   assert 3 <= step < 1000

@@ -31,6 +31,15 @@ RETIRED_KEYS = {
 }
 
 
+# Input paths in a config file, resolved against that file's directory.
+PATH_KEYS = {
+    ("data", "shards"): "globs",
+    ("data", "eval_shards"): "globs",
+    ("data", "tokenizer_model"): "path",
+    ("checkpoint", "init_from"): "path",
+}
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key, where it was set and the fix."""
 
@@ -55,12 +64,37 @@ def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     raise ConfigError(f"{path}: circular base chain {' -> '.join(seen + (path,))}")
   data = _read_yaml(path)
   _drop_retired(data, path)
+  _resolve_paths(data, os.path.dirname(path))
   bases = data.pop(BASE_KEY, [])
   bases = [bases] if isinstance(bases, str) else bases
   out = []
   for base in bases:
-    out += _layers(os.path.join(os.path.dirname(path), base), seen + (path,))
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+      raise ConfigError(f"{path}: base {base!r} does not exist (looked for {base_path}; bases "
+                        "are relative to the file that names them)")
+    out += _layers(base_path, seen + (path,))
   return out + [(path, data)]
+
+
+def _resolve(value: str, directory: str) -> str:
+  if not value or "://" in value or os.path.isabs(value):
+    return value
+  return os.path.abspath(os.path.join(directory, value))
+
+
+def _resolve_paths(data: dict, directory: str) -> None:
+  """Input paths a file sets are relative to that file, as `base:` is (command-line ones stay
+  relative to the working directory); train.run_dir, an output, is always the latter."""
+  for (section, key), kind in PATH_KEYS.items():
+    node = data.get(section)
+    if not isinstance(node, dict) or node.get(key) is None:
+      continue
+    if kind == "globs" and isinstance(node[key], dict):
+      node[key] = {t: [_resolve(g, directory) for g in globs] if isinstance(globs, list) else
+                   globs for t, globs in node[key].items()}
+    elif kind == "path" and isinstance(node[key], str):
+      node[key] = _resolve(node[key], directory)
 
 
 def _drop_retired(data: dict, path: str) -> None:

@@ -56,7 +56,8 @@ class Step1Config:
   def __post_init__(self):
     coerce_enums(self)
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "intermediate_size", "max_seq_len"):
+                 "head_dim", "intermediate_size", "max_seq_len", "rms_norm_eps", "rope_theta",
+                 "init_std"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
@@ -132,6 +133,10 @@ class VisionConfig:
   max_images_per_sequence: int = 1
 
   def __post_init__(self):
+    for name in ("image_size", "patch_size", "channels", "hidden_size", "num_layers",
+                 "num_heads", "intermediate_size", "layer_norm_eps", "max_images_per_sequence"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if self.image_size % self.patch_size:
       raise ValueError(
           f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"

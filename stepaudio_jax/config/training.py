@@ -56,14 +56,18 @@ class TrainConfig:
   eval_every: int = 0  # 0 = no periodic eval
   eval_batches: int = 2
   peak_flops_per_device: float = 0.0  # for MFU; 0 = known accelerator table or measured
+  # Longest the final checkpoint may take after the last step or a preemption before the
+  # process gives up with exit status 3 (a dead peer, a hung filesystem); 0 = no limit.
+  shutdown_timeout: float = 900.0
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every",
                  "eval_batches"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-    if self.eval_every < 0 or self.peak_flops_per_device < 0:
-      raise ValueError("eval_every and peak_flops_per_device must be >= 0 (0 = off / auto)")
+    if self.eval_every < 0 or self.peak_flops_per_device < 0 or self.shutdown_timeout < 0:
+      raise ValueError("eval_every, peak_flops_per_device and shutdown_timeout must be >= 0 "
+                       "(0 = off / auto / no limit)")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(
           f"batch_size={self.batch_size} is not divisible by grad_accum_steps="

@@ -16,6 +16,7 @@ import bisect
 import copy
 import glob
 import json
+import os
 
 import grain
 import jax
@@ -25,7 +26,7 @@ from stepaudio_jax.config.data import TASKS, DataConfig
 from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.mixture import StageSchedule, pick_task
 from stepaudio_jax.data.packing import pack_row, truncate
-from stepaudio_jax.data.records import RecordError, decode_checked
+from stepaudio_jax.data.records import RecordError, ShardError, decode_checked
 from stepaudio_jax.data.seqio_source import SeqioTextSource
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, process_rows
 from stepaudio_jax.data.templates import Segment, TemplateContext, render
@@ -37,9 +38,22 @@ def resolve_shards(globs: list[str]) -> list[str]:
   for pattern in globs:
     found = sorted(glob.glob(pattern)) if "://" not in pattern else [pattern]
     if not found:
-      raise FileNotFoundError(f"data.shards pattern {pattern!r} matches no file")
+      raise ShardError(f"data.shards pattern {pattern!r} matches no file; fix the pattern or "
+                       "write the shards")
     paths += found
   return paths
+
+
+def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
+  """One shard, opened now (its footer and index are read), so a broken file stops the loader
+  before training, by name."""
+  try:
+    return grain.sources.ArrayRecordDataSource([path])
+  except (RuntimeError, OSError) as e:
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    what = ("is empty (0 bytes)" if size == 0 else
+            f"({size} bytes) is truncated or corrupt: {str(e) or 'no readable footer'}")
+    raise ShardError(f"data shard {path} {what}; remove it from data.shards or rebuild it") from e
 
 
 class RecordSource:
@@ -47,34 +61,41 @@ class RecordSource:
 
   def __init__(self, paths: list[str]):
     self.paths = paths
-    self._shards = [grain.sources.ArrayRecordDataSource([p]) for p in paths]
+    self._shards = [_open_shard(p) for p in paths]
     self._starts = np.cumsum([0] + [len(s) for s in self._shards]).tolist()
     if self._starts[-1] == 0:
-      raise ValueError(f"shards {paths} hold no records")
+      raise ShardError(f"shards {paths} hold no records; rebuild them or give the task no share")
 
   def __len__(self) -> int:
     return self._starts[-1]
 
   def __getitem__(self, index: int) -> tuple[str, bytes]:
+    """(where, bytes); a record whose bytes fail the shard's checksums is a RecordError."""
     shard = bisect.bisect_right(self._starts, index) - 1
     local = index - self._starts[shard]
-    return f"shard {self.paths[shard]} record {local}", self._shards[shard][local]
+    where = f"shard {self.paths[shard]} record {local}"
+    try:
+      return where, self._shards[shard][local]
+    except RuntimeError as e:  # riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
+      raise RecordError(f"{where}: fails its checksum ({e}); rebuild the shard") from e
 
 
 class _Render:
-  """Map step: decode, validate and template one record (None = malformed and skipped)."""
+  """Map step: read, decode, validate and template record `index` of `source` (None = malformed
+  and skipped). Reading here, not in the source, puts a record that fails its checksum on the
+  same skip-or-stop path as one that fails to decode."""
 
-  def __init__(self, ctx: TemplateContext, skip_malformed: bool):
-    self.ctx, self.skip = ctx, skip_malformed
+  def __init__(self, source, ctx: TemplateContext, skip_malformed: bool):
+    self.source, self.ctx, self.skip = source, ctx, skip_malformed
 
-  def __call__(self, item: tuple[str, bytes]) -> Segment | None:
-    where, data = item
+  def __call__(self, index: int) -> Segment | None:
     try:
+      where, data = self.source[index]
       return render(decode_checked(data, self.ctx.layout, where), self.ctx)
-    except RecordError:
+    except RecordError as e:
       if self.skip:
         return None
-      raise
+      raise RecordError(f"{e} (data.skip_malformed=true skips and counts bad records)") from e
 
 
 def _new_stream() -> dict:
@@ -83,13 +104,21 @@ def _new_stream() -> dict:
 
 
 class RowStreams(grain.IterDataset):
-  """One packed row per stream per step for the global rows `rows` (see module docstring)."""
+  """One packed row per stream per step for the global rows `rows` (see module docstring).
 
-  def __init__(self, components: dict[str, grain.MapDataset], rows: range, global_batch: int,
-               seq_len: int, schedule: StageSchedule, layout: TokenLayout, vision: VisionConfig,
-               lookahead: int, fixed_step: int | None = None):
+  `components[task]` repeats the task's `sizes[task]` records endlessly; index i reads record
+  i mod size. A malformed record is counted once, at its first-pass draw (i < size), which
+  exactly one stream of one process (and worker) makes: the count is per record, not per draw,
+  without a set of seen records in the state, and it resumes onto any process count.
+  """
+
+  def __init__(self, components: dict[str, grain.MapDataset], sizes: dict[str, int],
+               rows: range, global_batch: int, seq_len: int, schedule: StageSchedule,
+               layout: TokenLayout, vision: VisionConfig, lookahead: int,
+               fixed_step: int | None = None):
     super().__init__(list(components.values()))
-    self.components, self.rows, self.global_batch = components, rows, global_batch
+    self.components, self.sizes = components, sizes
+    self.rows, self.global_batch = rows, global_batch
     self.seq_len, self.schedule, self.layout, self.vision = seq_len, schedule, layout, vision
     self.lookahead, self.fixed_step = lookahead, fixed_step
     self.worker, self.workers = 0, 1
@@ -110,6 +139,11 @@ class _RowStreamsIterator(grain.DatasetIterator):
     self.streams = {r: _new_stream() for r in ds.rows}
     # Waiting segments by stream and (task, draw); rebuilt from the state after a restore.
     self._waiting: dict[int, dict[tuple[str, int], Segment]] = {}
+
+  def _index(self, r: int, draw: int) -> int:
+    """Draw `draw` of stream r as an index into the task's endless record sequence (a worker's
+    components are every workers-th item of it, from its own offset)."""
+    return self.ds.worker + (draw * self.ds.global_batch + r) * self.ds.workers
 
   def _fetch(self, r: int, task: str, draw: int, first: bool = False) -> Segment | None:
     """Draw `draw` of `task` for stream r, cut to one row; `first` counts the cut."""
@@ -158,7 +192,7 @@ class _RowStreamsIterator(grain.DatasetIterator):
       st["draws"][task] += 1
       seg = self._fetch(r, task, draw, first=True)
       if seg is None:
-        st["malformed"] += 1
+        st["malformed"] += self._index(r, draw) < ds.sizes[task]
         continue
       st["emitted"][task] += len(seg)
       place(task, draw, seg)
@@ -210,11 +244,10 @@ class GrainLoader(BatchSource):
       raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
     ctx = TemplateContext(layout, vision, make_tokenizer(data.tokenizer_model, layout),
                           data.codebooks, data.asr_prompt, data.tts_prompt, data.aqta_prompt)
-    render_fn = _Render(ctx, data.skip_malformed)
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
     shards = data.eval_shards if held_out else data.shards
     workers = 0 if held_out else data.workers
-    components = {}
+    components, sizes = {}, {}
     for i, task in enumerate(live):
       if task == "text" and data.seqio_task:
         source = SeqioTextSource(data.seqio_task,
@@ -226,10 +259,11 @@ class GrainLoader(BatchSource):
           raise ValueError(f"data.{'eval_shards' if held_out else 'shards'} has no globs for "
                            f"task {task!r}, which the stages mix")
         source = RecordSource(resolve_shards(shards[task]))
-      src = grain.MapDataset.source(source)
-      components[task] = src.shuffle(seed=seed * 1009 + i).repeat(None).map(render_fn)
-    self._ds = RowStreams(components, rows, global_batch, seq_len, schedule, layout, vision,
-                          data.pack_lookahead, fixed_step)
+      order = grain.MapDataset.range(len(source)).shuffle(seed=seed * 1009 + i).repeat(None)
+      components[task] = order.map(_Render(source, ctx, data.skip_malformed))
+      sizes[task] = len(source)
+    self._ds = RowStreams(components, sizes, rows, global_batch, seq_len, schedule, layout,
+                          vision, data.pack_lookahead, fixed_step)
     ds = self._ds
     if workers:
       from absl import flags  # grain's workers read absl flags, which must count as parsed
@@ -249,7 +283,7 @@ class GrainLoader(BatchSource):
 
   def stats(self) -> dict[str, float]:
     """Cumulative counts of this process: packed tokens per task, malformed (skipped) records,
-    truncated examples, and the current stage."""
+    each once however often it is drawn, truncated examples, and the current stage."""
     out: dict[str, float] = {}
     for s in self._stats.values():
       for k, v in s.items():

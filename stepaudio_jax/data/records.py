@@ -2,7 +2,8 @@
 
 The offline pipeline writes `Example`s with `write_shard`; the loader reads them back with
 `decode` in its map step and `validate`s them, so a bad record is reported by shard and index
-instead of surfacing later as a shape error inside the model.
+instead of surfacing later as a shape error inside the model. A record whose bytes fail the
+shard's checksum is a `RecordError` too; a shard that cannot be opened at all is a `ShardError`.
 
 Wire format (msgpack map):
   {"v": 1, "task": str, "text": [arr...], "linguistic": [arr...], "semantic": [arr...],
@@ -23,7 +24,12 @@ FORMAT_VERSION = 1
 
 
 class RecordError(ValueError):
-  """A record that cannot be decoded or breaks the contract; the reader adds shard and index."""
+  """A record that cannot be read or decoded or breaks the contract; the reader adds shard and
+  index."""
+
+
+class ShardError(ValueError):
+  """A shard that cannot be opened (empty, truncated, corrupt footer); the message names it."""
 
 
 @dataclasses.dataclass

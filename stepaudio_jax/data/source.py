@@ -11,6 +11,8 @@ import abc
 import jax
 import numpy as np
 
+from stepaudio_jax.config import ConfigError
+
 
 class LoaderStateError(RuntimeError):
   """A saved source state that cannot continue on this topology or config."""
@@ -20,7 +22,8 @@ def process_rows(global_batch: int) -> range:
   """The global rows this process loads."""
   procs = jax.process_count()
   if global_batch % procs:
-    raise ValueError(f"train.batch_size={global_batch} is not divisible by {procs} processes")
+    raise ConfigError(f"train.batch_size={global_batch} is not divisible by {procs} processes "
+                      "(each loads its own rows); make it a multiple of the process count")
   per = global_batch // procs
   return range(jax.process_index() * per, (jax.process_index() + 1) * per)
 

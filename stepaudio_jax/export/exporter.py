@@ -10,6 +10,11 @@ single device is one chunk holding every layer, so there the chunk term is that 
 Several processes (a multi-host job) split the shard files between them: process i writes the
 shards i, i + P, ...; process 0 also writes the JSON files. Every process reads the checkpoint
 from the shared filesystem the run saved to, so nothing has to be gathered.
+
+The output directory must be empty: files of another export left beside the new ones would be
+loaded with them (transformers prefers a stale model.safetensors to the new shards). With
+`overwrite`, process 0 first removes what an export writes (`OUTPUTS`) and nothing else, and
+every process waits for that before writing.
 """
 
 import dataclasses
@@ -26,6 +31,10 @@ from stepaudio_jax.export import step1_layout as layout
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
 
 OUT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+# What an export writes (or a Hugging Face model directory holds in its place): all of it is
+# replaced by --overwrite, since a leftover would be loaded as part of the new model.
+OUTPUTS = ("model-*-of-*.safetensors", st.SINGLE_NAME, st.INDEX_NAME, "config.json",
+           "generation_config.json", "tokenizer_config.json", "tokenizer.model")
 BLOCK_BYTES = 16 * 2**20  # of stored values read at once: a larger tensor is read in pieces
 
 
@@ -77,6 +86,21 @@ def tensor_plans(reader: CheckpointReader, cfg, dtype: np.dtype) -> list[st.Tens
                         lambda m=m: public_blocks(reader, m, dtype)) for m in maps]
 
 
+def _prepare_out_dir(out_dir: str, overwrite: bool, clear: bool) -> None:
+  """Create out_dir or check that it is empty; with `overwrite`, `clear` removes OUTPUTS."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ExportError(f"{out_dir} is a file; pass a directory to export into")
+  os.makedirs(out_dir, exist_ok=True)
+  if not overwrite:
+    if os.listdir(out_dir):
+      raise ExportError(f"{out_dir} is not empty; export into a new directory, or pass "
+                        "--overwrite to replace the model files there (other files are kept)")
+  elif clear:
+    for pattern in OUTPUTS:
+      for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+        os.remove(path)
+
+
 def _write_json(path: str, obj: dict) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
@@ -92,8 +116,13 @@ def export_checkpoint(
     tokenizer_model: str = "",
     process_index: int = 0,
     process_count: int = 1,
+    overwrite: bool = False,
 ) -> ExportSummary:
-  """Write out_dir (safetensors shards + index, config.json, generation and tokenizer config)."""
+  """Write out_dir (safetensors shards + index, config.json, generation and tokenizer config).
+
+  out_dir must be empty unless `overwrite`. With several processes this is a collective: every
+  process calls it, and none writes before process 0 has cleared out_dir.
+  """
   if dtype not in OUT_DTYPES:
     raise ExportError(f"--dtype {dtype!r}: choose one of {sorted(OUT_DTYPES)}")
   if tokenizer_model and not os.path.isfile(tokenizer_model):
@@ -104,11 +133,11 @@ def export_checkpoint(
   plans = tensor_plans(reader, cfg, OUT_DTYPES[dtype])
   shards = st.plan_shards(plans, st.parse_size(max_shard_size))
   names = st.shard_names(len(shards))
-  os.makedirs(out_dir, exist_ok=True)
-  if process_index == 0:
-    for stale in glob.glob(os.path.join(out_dir, "model-*-of-*.safetensors")):
-      if os.path.basename(stale) not in names:
-        os.remove(stale)
+  _prepare_out_dir(out_dir, overwrite, clear=process_index == 0)
+  if process_count > 1:  # every process has checked out_dir before any writes into it
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("stepaudio export: out_dir ready")
   written = []
   for i, (shard, name) in enumerate(zip(shards, names)):
     if i % process_count == process_index:

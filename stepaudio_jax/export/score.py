@@ -14,7 +14,7 @@ from jaxtyping import Float
 
 from stepaudio_jax.config.model import DType, Step1Config
 from stepaudio_jax.export import step1_layout as layout
-from stepaudio_jax.export.orbax_reader import CheckpointReader, load_run_config
+from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
 from stepaudio_jax.models.step1 import Step1
 
 
@@ -35,11 +35,14 @@ def load_lm(checkpoint: str) -> Step1:
 
 
 def score(checkpoint: str, tokens: list[int]) -> Float[np.ndarray, "T V"]:
+  if not tokens:
+    raise ExportError("--tokens is empty; pass comma-separated token ids, e.g. 1,5,9")
   model = load_lm(checkpoint)
   cfg: Step1Config = model.cfg
   bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
   if bad:
-    raise ValueError(f"token ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
+    raise ExportError(f"--tokens {bad} are outside the vocabulary [0, {cfg.vocab_size}) of "
+                      f"{checkpoint}; pass ids below {cfg.vocab_size}")
   ids = jnp.asarray(tokens, jnp.int32)[None, :]
   logits = jax.jit(lambda m, x: m(x))(model, ids)
   return np.asarray(logits[0], np.float32)

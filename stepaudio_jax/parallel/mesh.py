@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.mesh import MESH_AXES, MeshConfig
 
 
@@ -44,7 +45,7 @@ class LogicalSharding:
         out.append(None)
         continue
       if name not in table:
-        raise ValueError(f"logical axis {name!r} has no rule; add mesh.rules.{name}=[...]")
+        raise ConfigError(f"logical axis {name!r} has no rule; add mesh.rules.{name}=[...]")
       mesh_axes = tuple(a for a in table[name] if a not in used and self.mesh.shape[a] > 1)
       used.update(mesh_axes)
       out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
@@ -63,7 +64,7 @@ class LogicalSharding:
       ways = self.ways(entry)
       if dim % ways:
         names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-        raise ValueError(
+        raise ConfigError(
             f"{what} has a dimension of size {dim} that mesh axes {names} (size {ways}) do "
             f"not divide; change the mesh sizes or the rule for that axis in mesh.rules"
         )

@@ -2,7 +2,9 @@
 
 Layout: RUN_DIR/checkpoints/<step>/{state,data}. `state` is the TrainState (params, frozen and
 opt_state keyed by model name); `data` is JSON: {"layout": 2, "step", "train_steps",
-"iterator"?} with the source's position. Orbax writes each step into a temporary directory and
+"iterator"?, "checksums"} with the source's position and, per array, the sum of its bits as
+uint32 words (mod 2^32), computed on device before the write and compared after every restore:
+a flipped bit anywhere in the stored data changes it, so silent corruption is refused. Orbax writes each step into a temporary directory and
 renames it when complete, so a step directory is either whole or absent; leftover temporary
 directories (a save cut short) are reported and never read. Restore takes abstract targets that
 carry the current mesh's shardings, which is what lets a run saved on one mesh resume on another.
@@ -14,10 +16,14 @@ directly under params/frozen/opt_state; they restore as the model `model` of a o
 
 import logging
 import os
+import shutil
+import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from stepaudio_jax.config.training import CheckpointConfig
 
@@ -30,6 +36,9 @@ LEGACY_MODEL = "model"  # the name a layout-1 checkpoint's single model restores
 # or UnicodeDecodeError (ValueErrors too), a missing item file a FileNotFoundError. Anything else
 # is a bug and propagates as itself.
 UNREADABLE = (ValueError, OSError)
+# What a failed write raises (TensorStore's RESOURCE_EXHAUSTED for a full disk is a ValueError;
+# Orbax's own file operations raise OSError).
+SAVE_FAILED = (ValueError, OSError)
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +50,26 @@ def _abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree,
   )
+
+
+def _bits_sum(x: jax.Array) -> jax.Array:
+  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, word)
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def checksums(state) -> dict[str, int]:
+  """Per array of `state` (a tree of jax.Arrays), the uint32 sum of its bits; the same for any
+  sharding and process count (integer sums are exact), read from this process's replica."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(state):
+    sharding = x.sharding
+    replicated = (NamedSharding(sharding.mesh, PartitionSpec())
+                  if isinstance(sharding, NamedSharding) else None)
+    total = jax.jit(_bits_sum, out_shardings=replicated)(x)
+    out[jax.tree_util.keystr(path, simple=True, separator="/")] = int(
+        np.asarray(total.addressable_shards[0].data))
+  return out
 
 
 def _first_line(e: Exception) -> str:
@@ -55,19 +84,32 @@ def _legacy(state):
 
 
 class Checkpointer:
+  """Orbax's CheckpointManager with the failures a run can meet (an unwritable or full disk,
+  a damaged step) turned into CheckpointErrors that name the directory and the fix."""
+
   def __init__(self, run_dir: str, cfg: CheckpointConfig):
     self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
     self.cfg = cfg
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            # Exactly every N steps: Orbax's default policy also saves the first step of a run.
-            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(cfg.every),
-            enable_async_checkpointing=cfg.async_save,
-            create=True,
-        ),
-    )
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=cfg.keep,
+              # Exactly every N steps: Orbax's default policy also saves a run's first step.
+              save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(cfg.every),
+              enable_async_checkpointing=cfg.async_save,
+              # In save(), so an unwritable directory fails there, not as a 300 s wait for a
+              # signal from a background thread that already died.
+              async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+              create=True,
+          ),
+      )
+      with tempfile.TemporaryFile(dir=self.directory):  # fail now, not after `every` steps
+        pass
+    except OSError as e:
+      raise CheckpointError(
+          f"cannot write checkpoints to {self.directory} ({_first_line(e)}); point "
+          "train.run_dir at a writable directory") from e
 
   def incomplete(self) -> list[str]:
     return sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
@@ -81,15 +123,44 @@ class Checkpointer:
       )
     return self.manager.latest_step()
 
+  def _write_failed(self, e: Exception) -> CheckpointError:
+    complete = list(self.manager.all_steps())
+    return CheckpointError(
+        f"writing a checkpoint to {self.directory} failed ({_first_line(e)}); the newest "
+        f"complete step is {complete[-1] if complete else 'none'}. Free space or fix the "
+        "filesystem, then run the same command to resume from it.")
+
+  def _check_space(self, step: int, state) -> None:
+    """Refuse a save that cannot fit before writing a byte of it: a disk that fills up in the
+    middle of an asynchronous save fails in background threads, far from the cause."""
+    need = sum(shard.data.nbytes for x in jax.tree.leaves(state)
+               for shard in x.addressable_shards if shard.replica_id == 0)
+    free = shutil.disk_usage(self.directory).free
+    if need > free:
+      complete = list(self.manager.all_steps())
+      raise CheckpointError(
+          f"checkpoint step {step} needs about {need / 2**20:.1f} MiB in {self.directory} but "
+          f"only {free / 2**20:.1f} MiB are free (No space left on device); the newest "
+          f"complete step is {complete[-1] if complete else 'none'}. Free space, then run the "
+          "same command to resume from it.")
+
   def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({**data_state, "layout": LAYOUT}),
-        ),
-        force=force,
-    )
+    """Start writing `step` (asynchronously by default); a failure of this or an earlier
+    asynchronous save raises here."""
+    if force or self.manager.should_save(step):
+      self._check_space(step, state)
+    try:
+      return self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave({**data_state, "layout": LAYOUT,
+                                      "checksums": checksums(state)}),
+          ),
+          force=force,
+      )
+    except SAVE_FAILED as e:
+      raise self._write_failed(e) from e
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
     return CheckpointError(
@@ -120,19 +191,42 @@ class Checkpointer:
     except UNREADABLE as e:
       raise self._unreadable(step, e) from e
     if legacy:
-      log.warning("checkpoint step %d has layout 1 (written before tasks): restored as model "
-                  "%r; the next save writes layout %d", step, LEGACY_MODEL, LAYOUT)
+      log.warning("checkpoint step %d has layout 1 (written before tasks, no checksums): "
+                  "restored as model %r; the next save writes layout %d", step, LEGACY_MODEL,
+                  LAYOUT)
       restored = target_state.replace(
           step=restored["step"], rng=restored["rng"],
           params={LEGACY_MODEL: restored["params"]}, frozen={LEGACY_MODEL: restored["frozen"]},
           opt_state={LEGACY_MODEL: restored["opt_state"]})
+    else:
+      self._verify(step, restored, data)
     return restored, data
 
+  def _verify(self, step: int, state, data: dict) -> None:
+    saved = data.get("checksums", {})
+    bad = [path for path, value in checksums(state).items() if saved.get(path) != value]
+    if bad:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory}: {len(bad)} array(s) do not match the "
+          f"checksums saved with them (first: {bad[0]}); the stored bits changed after the "
+          "save. Nothing was overwritten. Move that step directory aside to resume from an "
+          f"earlier one (complete steps: {list(self.manager.all_steps())}).")
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except SAVE_FAILED as e:
+      raise self._write_failed(e) from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Finish the saves in flight (raising if one failed), then release the manager."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except SAVE_FAILED:
+        pass  # the same failure, raised by wait() above
 
 
 def restore_params(run_dir: str) -> dict:

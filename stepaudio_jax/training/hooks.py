@@ -1,4 +1,9 @@
-"""The loop's hooks: metrics (progress, TensorBoard, NaN stop), checkpoints, eval."""
+"""The loop's hooks: metrics (progress, TensorBoard, NaN stop), checkpoints, eval.
+
+A step whose metrics are not all finite (loss, gradient norm, the updated parameters' norm)
+stops the run, and its state is never checkpointed: the checkpoint hook waits for the metrics
+of a step it saves and checks them first, so the newest checkpoint is always a finite one.
+"""
 
 import math
 from collections.abc import Callable
@@ -12,13 +17,27 @@ from stepaudio_jax.training.loop import Hook
 from stepaudio_jax.training.progress import Progress
 
 
-class MetricsHook(Hook):
-  """Fetches each step's metrics one step late (dispatch stays ahead), stops on a NaN loss,
-  keeps the history and logs every `log_every` steps and the last."""
+def check_finite(step: int, metrics: dict, newest_checkpoint: int | None) -> None:
+  """Raise FloatingPointError naming the first non-finite metric of `step`."""
+  for key, value in metrics.items():
+    if not math.isfinite(float(value)):
+      where = (f"the newest checkpoint is step {newest_checkpoint}"
+               if newest_checkpoint is not None else "no checkpoint was written")
+      raise FloatingPointError(
+          f"{key} became {float(value)} at step {step}; stopping without checkpointing it "
+          f"({where}: resume from it with a lower optimizer.learning_rate or "
+          "optimizer.grad_clip_norm, or look at the data of that step)")
 
-  def __init__(self, progress: Progress, log_every: int, total: int, nan_key: str,
-               print_fn=print, is_lead: bool = True):
-    self.progress, self.log_every, self.total, self.nan_key = progress, log_every, total, nan_key
+
+class MetricsHook(Hook):
+  """Fetches each step's metrics one step late (dispatch stays ahead), stops on a non-finite
+  metric, keeps the history and logs every `log_every` steps and the last."""
+
+  def __init__(self, progress: Progress, log_every: int, total: int,
+               newest_checkpoint: Callable[[], int | None], print_fn=print,
+               is_lead: bool = True):
+    self.progress, self.log_every, self.total = progress, log_every, total
+    self.newest_checkpoint = newest_checkpoint
     self.print, self.is_lead = print_fn, is_lead
     self.history: list[dict] = []
     self._pending = None
@@ -31,10 +50,8 @@ class MetricsHook(Hook):
     step, metrics, data_stats = self._pending
     self._pending = None
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    check_finite(step, metrics, self.newest_checkpoint())
     metrics |= {f"data/{k.replace('/', '_')}": float(v) for k, v in data_stats.items()}
-    value = metrics[self.nan_key]
-    if not math.isfinite(value):
-      raise FloatingPointError(f"{self.nan_key} became {value} at step {step}; stopping")
     self.history.append({"step": step, **metrics})
     if step % self.log_every == 0 or step == self.total:
       self.progress.log_train(step, metrics)
@@ -55,13 +72,15 @@ class MetricsHook(Hook):
 
 class CheckpointHook(Hook):
   """Saves every checkpoint.every steps and at the end (also after SIGTERM), with the data
-  source's position; `data_state(step)` may be a collective, so it runs only on save steps."""
+  source's position, once the step's metrics are known to be finite; `data_state(step)` may be
+  a collective, so it runs only on save steps."""
 
   def __init__(self, ckpt: Checkpointer, data_state: Callable[[int], dict]):
     self.ckpt, self.data_state = ckpt, data_state
 
   def after_step(self, step, state, metrics, data_stats) -> None:
     if self.ckpt.manager.should_save(step):
+      check_finite(step, jax.device_get(metrics), self.ckpt.manager.latest_step())
       self.ckpt.save(step, state, self.data_state(step))
 
   def end(self, step, state) -> None:

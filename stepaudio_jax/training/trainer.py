@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from stepaudio_jax.config import RunConfig
+from stepaudio_jax.config import RunConfig, dump_config
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, next_global_batch
 from stepaudio_jax.tasks.base import Split, Task
 from stepaudio_jax.training import loop
@@ -72,9 +72,16 @@ def train(cfg: RunConfig, print_fn=print, task: Task | None = None) -> list[dict
       print_fn(text, flush=True)
 
   source = run.task.make_source(Split.TRAIN)
+  eval_source = run.task.make_source(Split.EVAL) if tc.eval_every else None
   ckpt = Checkpointer(tc.run_dir, cfg.checkpoint)
-  state = initial_state(run, ckpt, source, say)
+  try:
+    state = initial_state(run, ckpt, source, say)
+  except BaseException:
+    ckpt.close()
+    raise
   start = int(jax.device_get(state.step))
+  if lead:  # only now: a refused run leaves the run directory's config as it was
+    dump_config(cfg, os.path.join(tc.run_dir, "config.yaml"))
 
   def data_state(step: int) -> dict:
     out = {"step": step, "train_steps": tc.steps}
@@ -90,17 +97,25 @@ def train(cfg: RunConfig, print_fn=print, task: Task | None = None) -> list[dict
                       run.task.tokens_per_step(), run.task.flops_per_step(),
                       device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
                       run.task.progress_keys, lead, print_fn)
-  metrics = MetricsHook(progress, tc.log_every, tc.steps, run.task.progress_keys[0], print_fn,
+  metrics = MetricsHook(progress, tc.log_every, tc.steps, ckpt.manager.latest_step, print_fn,
                         lead)
   hooks = [metrics, CheckpointHook(ckpt, data_state)]
-  if tc.eval_every:
-    hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval,
-                          run.task.make_source(Split.EVAL), run.batch, run.task.eval_metrics,
-                          progress))
-  with jax.set_mesh(run.mesh), loop.StopFlag() as stop:
-    _, step = loop.run(state, run.train, batches(), start, tc.steps, hooks, stop)
+  if eval_source is not None:
+    hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
+                          run.task.eval_metrics, progress))
+  try:
+    with jax.set_mesh(run.mesh), loop.StopFlag() as stop:
+      _, step = loop.run(state, run.train, batches(), start, tc.steps, hooks, stop,
+                         tc.shutdown_timeout)
+  except BaseException:
+    try:
+      ckpt.close()  # let earlier saves complete; the error in flight is the one to report
+    except CheckpointError:
+      pass
+    raise
+  finally:
+    progress.close()
   ckpt.close()
-  progress.close()
   if stop.set:
-    say(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+    say(f"preempted (SIGTERM): saved step {step} to {ckpt.directory}; exiting")
   return metrics.history

@@ -1,0 +1,312 @@
+"""Fault injection on the training side: divergence, silent checkpoint corruption, unwritable
+and full disks, refused runs, second signals, stuck shutdowns and multi-process preemption.
+Every case here failed on the trainer before these fixes (see each docstring)."""
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import portpicker
+import pytest
+
+from stepaudio_jax import cli
+from stepaudio_jax.config import load_config
+from stepaudio_jax.training import loop, trainer
+from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError
+from stepaudio_jax.training.setup import setup
+from tests.conftest import REPO
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+FAST = ["train.seq_len=64", "train.log_every=1", "train.peak_flops_per_device=1e12"]
+
+
+def _cli(*args, devices: int = 2, timeout: float = 300) -> tuple[subprocess.CompletedProcess,
+                                                                  float]:
+  """The real `stepaudio` command in a subprocess; (result, seconds)."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu"}
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "stepaudio_jax.cli", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  return proc, time.perf_counter() - start
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+  """Exit 2, no traceback, exactly one `stepaudio CMD: error:` line containing the needles."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"stepaudio {command}: error:")]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options: str):
+  """A tmpfs mounted at `path` for the block (skips the test where mounting is not allowed)."""
+  os.makedirs(path, exist_ok=True)
+  try:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True,
+                   capture_output=True)
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_divergence_never_leaves_a_poisoned_newest_checkpoint(tmp_path):
+  """Before: learning_rate=1e6 with a checkpoint every step stopped at step 5 with the NaN
+  states of steps 4 and 5 saved as the newest (with keep=1 no good one was left), and resuming
+  went straight back to NaN."""
+  run = ["train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=20",
+         "optimizer.learning_rate=1e6", "optimizer.warmup_steps=0", "checkpoint.every=1",
+         "checkpoint.keep=1"]
+  proc, _ = _cli(*run)
+  line = _one_error_line(proc, "train", "stopping without checkpointing it")
+  bad_step = int(line.split(" at step ")[1].split(";")[0])
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps == [bad_step - 1], (steps, line)  # keep=1 kept the last finite one
+  saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(steps[0]) / "state")
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+  proc, _ = _cli(*run)
+  assert f"resumed from {tmp_path / 'checkpoints'} at step {bad_step - 1}" in proc.stdout
+
+
+def _flip_one_bit_silently(step_dir) -> str:
+  """Flip one bit of the stored array data such that plain Orbax still restores the step
+  (the compressed chunk decodes) but a value changed; returns the file."""
+  files = sorted(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True),
+                 key=os.path.getsize, reverse=True)
+  clean = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  for path in files:
+    data = bytearray(open(path, "rb").read())
+    for offset in range(len(data) // 2, len(data) - 64, 97):
+      data[offset] ^= 0x10
+      with open(path, "wb") as f:
+        f.write(data)
+      try:
+        dirty = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+        changed = any(not np.array_equal(a, b) for a, b in
+                      zip(jax.tree.leaves(clean), jax.tree.leaves(dirty)))
+      except ValueError:
+        changed = False
+      if changed:
+        return path
+      data[offset] ^= 0x10
+      with open(path, "wb") as f:
+        f.write(data)
+  raise AssertionError("no silently corrupting bit found")
+
+
+def test_a_flipped_bit_in_checkpoint_data_is_refused(tmp_path):
+  """Before: one bit flipped in a data file restored without error and the run diverged
+  silently. Now every array carries a checksum, compared after every restore."""
+  cfg = load_config(TINY, [f"train.run_dir={tmp_path}", *FAST, "train.steps=2",
+                           "checkpoint.every=2"])
+  trainer.train(cfg, print_fn=lambda *a, **k: None)
+  _flip_one_bit_silently(tmp_path / "checkpoints" / "2")
+  run = setup(cfg)
+  ckpt = Checkpointer(str(tmp_path), cfg.checkpoint)
+  with pytest.raises(CheckpointError, match=r"checkpoint step 2 .*do not match the checksums"):
+    ckpt.restore(2, run.abstract_state)
+  ckpt.close()
+
+
+def test_a_refused_run_leaves_the_run_config_alone(tmp_path):
+  """Before: RUN_DIR/config.yaml was overwritten with the refused config, and export then
+  failed on shapes."""
+  base = ["train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=1"]
+  assert cli.main(base) == 0
+  before = open(tmp_path / "config.yaml").read()
+  assert cli.main(base + ["checkpoint.resume=false", "model.hidden_size=32",
+                          "model.intermediate_size=64"]) == 2
+  assert open(tmp_path / "config.yaml").read() == before
+
+
+def test_unwritable_checkpoint_directory_fails_at_once(tmp_path):
+  """Before: the save failed in a background thread and the process stayed up 300 s."""
+  with _tmpfs(tmp_path / "checkpoints", "size=1m,ro"):
+    proc, seconds = _cli("train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=4",
+                         "checkpoint.every=2")
+  _one_error_line(proc, "train", "cannot write checkpoints to", "Read-only file system",
+                  "train.run_dir")
+  assert seconds < 60
+
+
+def test_disk_full_during_a_save_is_one_error_line(tmp_path):
+  """Before: 833 stderr lines with 63 tracebacks, the cause buried."""
+  with _tmpfs(tmp_path / "full", "size=600k"):
+    proc, _ = _cli("train", TINY, f"train.run_dir={tmp_path / 'full'}", *FAST, "train.steps=6",
+                   "checkpoint.every=2")
+  _one_error_line(proc, "train", "No space left on device", "the newest complete step is")
+  assert len(proc.stderr.splitlines()) <= 5, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.batch_size=6", "do not divide"),  # 6 rows over data x fsdp = 2 x 2
+    ("data.source=grain", "matches no file"),
+])
+def test_bad_input_is_one_error_line(tmp_path, override, needle):
+  """Before: raw tracebacks with exit status 1."""
+  more = []
+  if override == "data.source=grain":
+    more = ["data.shards.text=[/nonexistent/*.array_record]",
+            "data.stages=[{audio: 0, text: 1, image: 0}]"]
+  proc, _ = _cli("train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=1",
+                 "mesh.data=2", "mesh.fsdp=2", override, *more, devices=4)
+  _one_error_line(proc, "train", needle)
+
+
+def test_a_second_sigterm_cuts_the_shutdown_short():
+  exits = []
+  with loop.StopFlag(exit_fn=exits.append) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.should_stop(1) and not exits
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert exits == ["a second SIGTERM during shutdown"]
+
+
+def test_a_stuck_shutdown_ends_in_bounded_time():
+  exits = []
+  with loop.Watchdog(0.2, "the final save", exit_fn=exits.append):
+    time.sleep(0.6)
+  with loop.Watchdog(5, "the final save", exit_fn=exits.append):
+    pass
+  assert exits == ["the final save did not finish within train.shutdown_timeout=0.2 s"]
+
+
+def _worker(run_dir, port: int, pid: int, steps: int) -> subprocess.Popen:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "STEPAUDIO_COORDINATOR": f"127.0.0.1:{port}",
+         "STEPAUDIO_NUM_PROCESSES": "2", "STEPAUDIO_PROCESS_ID": str(pid)}
+  return subprocess.Popen(
+      [sys.executable, "-m", "stepaudio_jax.cli", "train", TINY, f"train.run_dir={run_dir}",
+       *FAST, f"train.steps={steps}", "checkpoint.every=1000", "mesh.data=2", "mesh.fsdp=2",
+       "train.shutdown_timeout=60"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both", "one"])
+def test_multi_process_preemption_saves_one_agreed_step(tmp_path, signalled):
+  """Before: SIGTERM to both processes of a 2-process job hung in 2 of 5 trials: each process
+  stopped at its own step and one waited in the final collective save for the other. Now the
+  step comes from JAX's preemption sync, whichever processes got the signal."""
+  port = portpicker.pick_unused_port()
+  procs = [_worker(tmp_path, port, pid, 1000) for pid in (0, 1)]
+  try:
+    for line in procs[0].stdout:
+      if line.startswith("step 3/1000"):
+        break
+    for pid in signalled:
+      procs[pid].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  steps = os.listdir(tmp_path / "checkpoints")
+  assert len(steps) == 1 and 3 <= int(steps[0]) < 1000, steps
+  assert f"saved step {steps[0]}" in outs[0]
+  data = json.load(open(tmp_path / "checkpoints" / steps[0] / "data" / "metadata"))
+  assert data["step"] == int(steps[0])
+  shutil.rmtree(tmp_path / "tensorboard")
+  port = portpicker.pick_unused_port()
+  procs = [_worker(tmp_path, port, pid, int(steps[0]) + 1) for pid in (0, 1)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+  assert f"at step {steps[0]}" in outs[0]
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_job_in_bounded_time(tmp_path):
+  """A process killed outright: the survivor must not wait in a collective forever, but exit
+  non-zero once the peer's heartbeats are missing for STEPAUDIO_PEER_TIMEOUT seconds."""
+  port = portpicker.pick_unused_port()
+  os.environ["STEPAUDIO_PEER_TIMEOUT"] = "10"
+  try:
+    procs = [_worker(tmp_path, port, pid, 1000) for pid in (0, 1)]
+  finally:
+    del os.environ["STEPAUDIO_PEER_TIMEOUT"]
+  try:
+    for line in procs[0].stdout:
+      if line.startswith("step 3/1000"):
+        break
+    procs[1].kill()
+    start = time.perf_counter()
+    procs[0].communicate(timeout=120)
+    seconds = time.perf_counter() - start
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode != 0
+  assert seconds < 60, seconds
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_losses(tmp_path):
+  """Already survived before these fixes; kept so it stays so: SIGKILL during a run that
+  checkpoints every step (so likely mid-save), then a resume, ends with the per-step losses of
+  an uninterrupted run."""
+  args = ["train", TINY, *FAST, "train.steps=12", "checkpoint.every=1", "checkpoint.keep=2",
+          "optimizer.decay_steps=8"]
+  full, _ = _cli(*args, f"train.run_dir={tmp_path / 'full'}")
+  assert full.returncode == 0, full.stderr[-2000:]
+  cut = tmp_path / "cut"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "stepaudio_jax.cli", *args,
+                           f"train.run_dir={cut}"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 6/12"):
+      time.sleep(0.05)
+      proc.kill()
+      break
+  proc.wait(timeout=60)
+  last, _ = _cli(*args, f"train.run_dir={cut}")
+  assert last.returncode == 0, last.stderr[-2000:]
+  resumed_at = int(last.stdout.split(" at step ")[1].split()[0])
+  assert 1 <= resumed_at <= 6, last.stdout
+
+  def losses(files):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = {}
+    for path in files:
+      acc = EventAccumulator(path)
+      acc.Reload()
+      out |= {e.step: e.value for e in acc.Scalars("train/loss")}
+    return out
+
+  want = losses(glob.glob(str(tmp_path / "full" / "tensorboard" / "events.*")))
+  newest = max(glob.glob(str(cut / "tensorboard" / "events.*")), key=os.path.getmtime)
+  got = losses([newest])
+  assert sorted(got) == list(range(resumed_at + 1, 13)), (sorted(got), resumed_at)
+  for step in got:
+    assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_no_accelerator_runtime_noise_on_a_cpu_only_host(tmp_path):
+  """Before: with libtpu installed (the test extra), any command on a CPU-only host printed
+  `E0000 ... INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` errors unless JAX_PLATFORMS was set."""
+  if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+    pytest.skip("this host has an accelerator")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  proc = subprocess.run([sys.executable, "-m", "stepaudio_jax.cli", "train", TINY,
+                         f"train.run_dir={tmp_path}", *FAST, "train.steps=1"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "E0000" not in proc.stderr and "TPU" not in proc.stderr, proc.stderr[-2000:]
