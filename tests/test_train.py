@@ -108,3 +108,34 @@ def test_cli_writes_resolved_config_and_reports_errors(tmp_path):
                         "mesh.data=3"], capture_output=True, text=True, env=env)
   assert bad.returncode == 2
   assert "mesh" in bad.stderr and "cannot fill 2 devices" in bad.stderr
+
+
+def test_z_loss_adds_its_weighted_gradient_and_is_reported():
+  """pretrain.z_loss_weight=w: the reported z_loss is mean(logsumexp(logits)^2) over the loss
+  tokens (computed here from the model's logits), and the gradient gains w x its gradient."""
+  w = 0.01
+  run0, state, batch, _ = _setup([])
+  run_w, _, _, _ = _setup([f"pretrain.z_loss_weight={w}"])
+  update0, update_w = run0.task.updates()[0], run_w.task.updates()[0]
+  fields, key = run0.task.batch_fields(), jax.random.key(0)
+
+  def grads(update, p):
+    return step_lib.accumulated_gradients(update, p, state.frozen, batch, key, fields, 1,
+                                          run0.shard)
+
+  def z_sum(p):
+    model = run0.task.merge("model", p, state.frozen)
+    logits = model(batch["tokens"], batch["segment_ids"], batch["positions"], batch["images"])
+    lse = jax.nn.logsumexp(logits.astype(np.float32), axis=-1)
+    return (lse * lse * batch["loss_mask"]).sum()
+
+  g0, s0 = jax.jit(lambda p: grads(update0, p))(state.params)
+  gw, sw = jax.jit(lambda p: grads(update_w, p))(state.params)
+  gz = jax.jit(jax.grad(z_sum))(state.params)
+  np.testing.assert_allclose(sw["z_loss_sum"], z_sum(state.params), rtol=1e-5)
+  assert "z_loss_sum" not in s0 and float(sw["loss_sum"]) == float(s0["loss_sum"])
+  # fp32 at the gradients' own scale (the three are computed separately)
+  jax.tree.map(lambda a, b, z: np.testing.assert_allclose(
+      a, b + w * z, atol=1e-5 * np.abs(a).max()), gw, g0, gz)
+  _, metrics = run_w.train(state, batch)
+  np.testing.assert_allclose(metrics["z_loss"], z_sum(state.params) / s0["tokens"], rtol=1e-5)

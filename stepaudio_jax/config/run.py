@@ -5,11 +5,13 @@ import dataclasses
 from stepaudio_jax.config.data import DataConfig, DataSource, SyntheticConfig
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.config.model import Step1Config, TokenLayout, VisionConfig
+from stepaudio_jax.config.tasks import PretrainConfig
 from stepaudio_jax.config.training import CheckpointConfig, OptimizerConfig, TrainConfig
 
 # The task registry: each `task:` name and the class that implements it, by import path, so the
 # schema checks names without importing training code (tasks/registry.py imports the class).
-# A new task is its file in stepaudio_jax/tasks/ plus its line here.
+# A new task is its file in stepaudio_jax/tasks/ plus its line here (and, if it has options,
+# its section: a dataclass in config/tasks.py and a field of RunConfig named like the task).
 TASK_REGISTRY = {
     "pretrain": "stepaudio_jax.tasks.pretrain:PretrainTask",  # Step-Omni next-token pretraining
 }
@@ -27,6 +29,7 @@ class RunConfig:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
   def __post_init__(self):
     if self.task not in TASK_REGISTRY:

@@ -16,11 +16,12 @@ REPORTED_TYPES = {
 
 def token_losses(
     logits: Float[Array, "B T V"], targets: Int[Array, "B T"]
-) -> Float[Array, "B T"]:
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+  """(cross-entropy, logsumexp of the logits) per position."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked
+  return lse - picked, lse
 
 
 def loss_sums(
@@ -28,14 +29,19 @@ def loss_sums(
     targets: Int[Array, "B T"],
     loss_mask: Float[Array, "B T"],
     target_types: Int[Array, "B T"],
+    with_z_loss: bool = False,
 ) -> dict[str, jax.Array]:
-  """Sum of losses and count of tokens, overall and per token type (divide at the end)."""
-  per_token = token_losses(logits, targets) * loss_mask
+  """Sum of losses and count of tokens, overall and per token type (divide at the end); with
+  `with_z_loss`, also the sum of logsumexp^2 over the same tokens (`z_loss_sum`)."""
+  ce, lse = token_losses(logits, targets)
+  per_token = ce * loss_mask
   sums = {"loss_sum": per_token.sum(), "tokens": loss_mask.sum()}
   for name, kind in REPORTED_TYPES.items():
     sel = (target_types == kind) * loss_mask
     sums[f"loss_sum/{name}"] = (per_token * sel).sum()
     sums[f"tokens/{name}"] = sel.sum()
+  if with_z_loss:
+    sums["z_loss_sum"] = (lse * lse * loss_mask).sum()
   return sums
 
 
@@ -46,4 +52,6 @@ def finalize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     count = sums[f"tokens/{name}"]
     out[f"loss/{name}"] = sums[f"loss_sum/{name}"] / jnp.maximum(count, 1.0)
     out[f"tokens/{name}"] = count
+  if "z_loss_sum" in sums:
+    out["z_loss"] = sums["z_loss_sum"] / jnp.maximum(sums["tokens"], 1.0)
   return out

@@ -2,7 +2,8 @@
 
 One model, `model`: a Step-Omni (Step1 LM + image projector trainable, image encoder frozen)
 with the report's optimizer groups (optimizer.py). The batch is the packed-row format of
-data/packing.py; the loss is the masked next-token cross-entropy, reported per token type. Data
+data/packing.py; the loss is the masked next-token cross-entropy, reported per token type, plus
+the optional z-loss of the `pretrain` section. Data
 comes from the synthetic source or the Grain stage mixture (`data.source`), eval from split 1 or
 the held-out shards. `checkpoint.init_from` takes another run's LM and grows its vocabulary.
 """
@@ -44,9 +45,14 @@ class PretrainTask(Task):
     return fields
 
   def loss(self, params, frozen, batch, rng):
+    """Cross-entropy (reported as `loss`), plus pretrain.z_loss_weight x the z-loss when set."""
     model = self.merge("model", params, frozen)
     logits = model(batch["tokens"], batch["segment_ids"], batch["positions"], batch.get("images"))
-    sums = lm_loss.loss_sums(logits, batch["targets"], batch["loss_mask"], batch["target_types"])
+    z_weight = self.cfg.pretrain.z_loss_weight
+    sums = lm_loss.loss_sums(logits, batch["targets"], batch["loss_mask"], batch["target_types"],
+                             with_z_loss=z_weight > 0)
+    if z_weight > 0:
+      return sums["loss_sum"] + z_weight * sums["z_loss_sum"], sums
     return sums["loss_sum"], sums
 
   def metrics(self, sums, denominator="tokens"):
