@@ -1,5 +1,5 @@
 """`stepaudio` command line: train, print a resolved config, compile ahead of time for a TPU
-slice, export/import Hugging Face models."""
+slice, export/import Hugging Face models, sample from a checkpoint."""
 
 import argparse
 import logging
@@ -98,6 +98,85 @@ def _import(args) -> int:
   return 0
 
 
+def _generate(args) -> int:
+  import dataclasses
+  import json
+  import time
+
+  import jax
+  from flax import nnx
+
+  from stepaudio_jax.data.tokenizer import BYTE_OFFSET, SentencePieceTokenizer, make_tokenizer
+  from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
+  from stepaudio_jax.export.score import load_lm
+  from stepaudio_jax.export.step1_layout import LM
+  from stepaudio_jax.inference.decode import left_pad
+  from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
+  from stepaudio_jax.models.step1 import Step1
+
+  reader = CheckpointReader(args.checkpoint)
+  if not any(path[:len(LM)] == LM for path in reader.paths):
+    raise ExportError(f"{reader.step_dir} holds no Step1 LM at {'.'.join(LM)} (the pretraining "
+                      "task's model); generate samples that LM")
+  run_cfg = load_run_config(reader.run_dir)
+  ids = run_cfg.tokens
+  try:
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              args.no_repeat_ngram, eos_id=ids.eos_id, pad_id=ids.pad_id)
+  except ValueError as e:
+    raise ExportError(str(e)) from None
+  if args.prompt is not None:  # plain text after bos, not the chat-turn format
+    tokenizer = make_tokenizer(run_cfg.data.tokenizer_model, ids)
+    prompt = [ids.bos_id, *tokenizer.encode(args.prompt)]
+  else:
+    try:
+      prompt = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
+    except ValueError:
+      raise ExportError(f"--prompt-tokens {args.prompt_tokens!r} must be comma-separated "
+                        "integers, e.g. 1,4,17") from None
+  vocab = run_cfg.model.vocab_size
+  bad = [t for t in prompt if not 0 <= t < vocab]
+  if not prompt or bad:
+    raise ExportError(f"the prompt {'is empty' if not prompt else f'has ids {bad}'}: pass ids "
+                      f"in [0, {vocab}), the vocabulary of {reader.run_dir}")
+
+  model = load_lm(reader.step_dir)  # float32 parameters and compute
+  params = nnx.to_pure_dict(nnx.state(model))
+  if args.dtype == "run":
+    cfg = dataclasses.replace(model.cfg, compute_dtype=run_cfg.model.compute_dtype)
+    model = nnx.eval_shape(lambda: Step1(cfg, rngs=nnx.Rngs(0)))
+  prompts, key = left_pad([prompt], ids.pad_id), jax.random.key(args.seed)
+  start = time.perf_counter()
+  sample = make_sampler(model).lower(params, prompts, sampling, key).compile()
+  compile_s, start = time.perf_counter() - start, time.perf_counter()
+  out = jax.device_get(sample(params, prompts, key))
+  seconds = time.perf_counter() - start
+  n = int(out.lengths[0])
+  result = {
+      "checkpoint": reader.step_dir, "step": reader.step, "prompt_tokens": prompt,
+      "tokens": out.tokens[0, :n].tolist(), "logprobs": out.logprobs[0, :n].tolist(),
+      "truncated": bool(out.truncated[0]), "compute_dtype": model.cfg.compute_dtype.value,
+      **dataclasses.asdict(sampling), "seed": args.seed,
+  }
+  if args.prompt is not None:  # ids outside the text vocabulary (audio codes, EOS) are left out
+    text_ids = [t for t in result["tokens"] if t != ids.eos_id]
+    if isinstance(tokenizer, SentencePieceTokenizer):
+      import sentencepiece
+
+      sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer.model_path)
+      result["text"] = sp.decode([t for t in text_ids if t < sp.get_piece_size()])
+    else:
+      result["text"] = bytes(t - BYTE_OFFSET for t in text_ids
+                             if 0 <= t - BYTE_OFFSET < 256).decode("utf-8", "replace")
+    print(args.prompt + result["text"])
+  with open(args.out, "w") as f:
+    json.dump(result, f)
+  print(f"generated {n} tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s (prefill of "
+        f"{len(prompt)} included, compile {compile_s:.1f} s not; "
+        f"{'truncated' if result['truncated'] else 'stopped at EOS'}) -> {args.out}")
+  return 0
+
+
 def _add_export_commands(sub) -> None:
   p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model (safetensors)")
   p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
@@ -126,6 +205,25 @@ def _add_export_commands(sub) -> None:
   p.set_defaults(fn=_import)
 
 
+def _add_generate_command(sub) -> None:
+  p = sub.add_parser("generate", help="sample tokens from a checkpoint's LM; write them as JSON")
+  p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
+  prompt = p.add_mutually_exclusive_group(required=True)
+  prompt.add_argument("--prompt-tokens", help="comma-separated prompt ids, e.g. 1,4,17")
+  prompt.add_argument("--prompt", help="prompt text: bos, then the run's tokenizer's ids")
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep; 1 = off")
+  p.add_argument("--no-repeat-ngram", type=int, default=0,
+                 help="never repeat an n-gram of the output; 0 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", choices=("float32", "run"), default="float32",
+                 help="compute dtype: float32, or the run's model.compute_dtype")
+  p.add_argument("--out", required=True, help="output .json: tokens, logprobs, truncated, text")
+  p.set_defaults(fn=_generate)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="stepaudio", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +240,7 @@ def main(argv=None) -> int:
   p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")
   p.set_defaults(fn=_aot)
   _add_export_commands(sub)
+  _add_generate_command(sub)
   for name in DISTRIBUTED_COMMANDS:
     add_flags(sub.choices[name])
   args, extra = parser.parse_known_args(argv)

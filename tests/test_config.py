@@ -113,6 +113,7 @@ def test_dump_roundtrip(tmp_path, path):
     ("train.eval_every=-3", "eval_every"),
     ("train.eval_batches=0", "eval_batches must be positive"),
     ("data.codebooks=both", r"data.codebooks='both' is not one of \['dual', 'semantic'"),
+    ("data.share_tolerance=0", r"data.share_tolerance must be in \(0, 1\), got 0"),
 ])
 def test_values_that_cannot_be_right_are_refused(override, message):
   with pytest.raises(ConfigError, match=message):

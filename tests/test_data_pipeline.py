@@ -22,8 +22,9 @@ from stepaudio_jax.data.tokenizer import ByteTokenizer
 from stepaudio_jax.models.tokens import TokenType as T
 
 LAYOUT = TokenLayout(text_vocab_size=320, linguistic_codes=64, semantic_codes=96)
+# 30% image tokens in 128-token rows need up to 2 images (16 placeholders + caption) per row.
 VISION = VisionConfig(enabled=True, image_size=16, patch_size=4, hidden_size=32, num_layers=2,
-                      num_heads=2, intermediate_size=64)
+                      num_heads=2, intermediate_size=64, max_images_per_sequence=2)
 CTX = TemplateContext(LAYOUT, VISION, ByteTokenizer(LAYOUT))
 I32 = lambda *a: np.array(a, np.int32)  # noqa: E731
 EMPTY = np.zeros(0, np.int32)

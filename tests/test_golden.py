@@ -13,15 +13,24 @@ from tests.conftest import REPO
 GOLDEN = os.path.join(REPO, "tests", "golden")
 
 
+# What has changed on purpose since the goldens were recorded, undone for the comparison:
+# configs/corpus.yaml ships 6 images per row so its image share is reachable (it had 1), and
+# from the first stage change on, segments carried over from the old stage count toward the
+# new stage's shares, which changes the corpus batches from step 41 (stage 2 starts at step 40).
+SINCE = {"corpus_50_steps.json": (["vision.max_images_per_sequence=1",
+                                   "data.accept_share_shortfall=true"], 40)}
+
+
 @pytest.mark.parametrize("name", ["tiny_50_steps.json", "corpus_50_steps.json"])
 def test_losses_equal_the_pre_refactor_run_bit_for_bit(name, tmp_path):
   with open(os.path.join(GOLDEN, name)) as f:
     golden = json.load(f)
+  undo, steps = SINCE.get(name, ([], len(golden["steps"])))
   cfg = load_config(os.path.join(REPO, golden["config"]),
                     [f"train.run_dir={tmp_path}", *golden["overrides"],
-                     "train.peak_flops_per_device=1e12"])
+                     "train.peak_flops_per_device=1e12", *undo])
   history = train(cfg, print_fn=lambda *a, **k: None)
   assert len(history) == len(golden["steps"])
-  for got, want in zip(history, golden["steps"]):
+  for got, want in zip(history[:steps], golden["steps"][:steps]):
     for key, value in want.items():
       assert got[key] == value, (name, want["step"], key, got[key], value)

@@ -61,6 +61,7 @@ def _losses(run_dir) -> dict[int, float]:
   return losses
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_in_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   (out,) = _finish([_start_local(multi, K, 2, 4)])

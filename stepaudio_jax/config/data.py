@@ -115,6 +115,10 @@ class DataConfig:
   codebooks: Codebooks = Codebooks.DUAL  # single-codebook ablations: semantic | linguistic
   skip_malformed: bool = False  # skip + count bad records instead of stopping the run
   pack_lookahead: int = 8  # segments that may wait for a later row (first-fit packing)
+  # Largest |delivered - configured| token share of a task in a stage: a mixture predicted to
+  # miss it stops before training, and a training stage past it is reported.
+  share_tolerance: float = 0.02
+  accept_share_shortfall: bool = False  # train anyway (with a warning) when a share is unreachable
   workers: int = 0  # grain mp_prefetch worker processes per JAX process (0 = in-process)
   tokenizer_model: str = ""  # sentencepiece model; "" = byte-level fallback tokenizer
   asr_prompt: str = "Transcribe the speech."  # ASR system prompt
@@ -134,6 +138,8 @@ class DataConfig:
     coerce_enums(self)
     if self.pack_lookahead < 1:
       raise ValueError("data.pack_lookahead must be >= 1")
+    if not 0 < self.share_tolerance < 1:
+      raise ValueError(f"data.share_tolerance must be in (0, 1), got {self.share_tolerance}")
     if self.workers < 0:
       raise ValueError("data.workers must be >= 0")
     if self.seqio_task and self.shards.get("text"):

@@ -37,6 +37,10 @@ PATH_KEYS = {
     ("data", "eval_shards"): "globs",
     ("data", "tokenizer_model"): "path",
     ("checkpoint", "init_from"): "path",
+    ("reward", "stages"): "stages",
+    ("ppo", "prompts"): "list",
+    ("ppo", "policy_from"): "path",
+    ("ppo", "reward_from"): "path",
 }
 
 
@@ -95,6 +99,13 @@ def _resolve_paths(data: dict, directory: str) -> None:
                    globs for t, globs in node[key].items()}
     elif kind == "path" and isinstance(node[key], str):
       node[key] = _resolve(node[key], directory)
+    elif kind == "list" and isinstance(node[key], list):
+      node[key] = [_resolve(g, directory) for g in node[key]]
+    elif kind == "stages" and isinstance(node[key], list):
+      for stage in node[key]:
+        for k in ("shards", "eval_shards"):
+          if isinstance(stage, dict) and isinstance(stage.get(k), list):
+            stage[k] = [_resolve(g, directory) for g in stage[k]]
 
 
 def _drop_retired(data: dict, path: str) -> None:

@@ -5,7 +5,7 @@ import dataclasses
 from stepaudio_jax.config.data import DataConfig, DataSource, SyntheticConfig
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.config.model import Step1Config, TokenLayout, VisionConfig
-from stepaudio_jax.config.tasks import PretrainConfig
+from stepaudio_jax.config.tasks import PPOConfig, PretrainConfig, RewardConfig
 from stepaudio_jax.config.training import CheckpointConfig, OptimizerConfig, TrainConfig
 
 # The task registry: each `task:` name and the class that implements it, by import path, so the
@@ -14,6 +14,9 @@ from stepaudio_jax.config.training import CheckpointConfig, OptimizerConfig, Tra
 # its section: a dataclass in config/tasks.py and a field of RunConfig named like the task).
 TASK_REGISTRY = {
     "pretrain": "stepaudio_jax.tasks.pretrain:PretrainTask",  # Step-Omni next-token pretraining
+    "sft": "stepaudio_jax.tasks.sft:SFTTask",  # TTS / AQTA / ASR fine-tuning on chat records
+    "reward": "stepaudio_jax.tasks.reward:RewardTask",  # Bradley-Terry reward model
+    "ppo": "stepaudio_jax.tasks.ppo:PPOTask",  # PPO with a critic against the reward model
 }
 
 
@@ -30,6 +33,8 @@ class RunConfig:
   synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+  reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+  ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
 
   def __post_init__(self):
     if self.task not in TASK_REGISTRY:

@@ -48,6 +48,9 @@ class OptimizerConfig:
 class TrainConfig:
   run_dir: str = "runs/default"
   steps: int = 1000
+  # Passes over the data instead of train.steps (tasks whose data is finite: SFT, reward model);
+  # 0 = train.steps decides.
+  epochs: float = 0.0
   batch_size: int = 8  # global, in sequences
   seq_len: int = 1024
   grad_accum_steps: int = 1  # the batch is split into this many microbatches
@@ -65,6 +68,8 @@ class TrainConfig:
                  "eval_batches"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.epochs < 0:
+      raise ValueError(f"epochs must be >= 0 (0 = use train.steps), got {self.epochs}")
     if self.eval_every < 0 or self.peak_flops_per_device < 0 or self.shutdown_timeout < 0:
       raise ValueError("eval_every, peak_flops_per_device and shutdown_timeout must be >= 0 "
                        "(0 = off / auto / no limit)")

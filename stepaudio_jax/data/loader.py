@@ -10,12 +10,19 @@ the pipeline in worker processes, each reading a 1/W slice of every task and bui
 W-th batch; that state is per process and worker and restores only onto the same topology.
 The eval loader (`held_out=True`) reads data.eval_shards in-process and starts over from its
 first batch at every eval, mixing as the stage of the current step does.
+
+Before training the loader checks that every stage can deliver its token shares
+(mixture.check_shares); during training `stats()` gives each task's delivered share of the
+current stage beside its target, and a drift past data.share_tolerance is logged.
+`steps_for_epochs` says how many steps an epoch-based run (SFT) takes.
 """
 
 import bisect
 import copy
 import glob
 import json
+import logging
+import math
 import os
 
 import grain
@@ -24,13 +31,25 @@ import numpy as np
 
 from stepaudio_jax.config.data import TASKS, DataConfig
 from stepaudio_jax.config.model import TokenLayout, VisionConfig
-from stepaudio_jax.data.mixture import StageSchedule, pick_task
+from stepaudio_jax.data.mixture import (
+  SegmentSize,
+  StageSchedule,
+  check_shares,
+  new_stream,
+  next_row,
+  require_shares,
+  rows_to_place,
+)
 from stepaudio_jax.data.packing import pack_row, truncate
 from stepaudio_jax.data.records import RecordError, ShardError, decode_checked
 from stepaudio_jax.data.seqio_source import SeqioTextSource
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, process_rows
 from stepaudio_jax.data.templates import Segment, TemplateContext, render
 from stepaudio_jax.data.tokenizer import make_tokenizer
+
+log = logging.getLogger(__name__)
+SAMPLE_RECORDS = 256  # records per task whose lengths the start-up share check packs
+DRIFT_WARMUP_ROWS = 4  # x data.pack_lookahead rows of a stage before its drift is reported
 
 
 def resolve_shards(globs: list[str]) -> list[str]:
@@ -98,9 +117,23 @@ class _Render:
       raise RecordError(f"{e} (data.skip_malformed=true skips and counts bad records)") from e
 
 
+def _sample_lengths(source, order: grain.MapDataset, ctx: TemplateContext) -> list[int]:
+  """Rendered lengths of the first SAMPLE_RECORDS records of a task's shuffled order (malformed
+  ones left out): what the start-up share check packs."""
+  render_one = _Render(source, ctx, skip_malformed=True)
+  segs = (render_one(order[i]) for i in range(min(SAMPLE_RECORDS, len(source))))
+  return [len(s) for s in segs if s is not None]
+
+
+def _zeros() -> dict[str, int]:
+  return {t: 0 for t in TASKS}
+
+
 def _new_stream() -> dict:
-  return {"row": 0, "stage": 0, "draws": {t: 0 for t in TASKS}, "emitted": {t: 0 for t in TASKS},
-          "pending": [], "packed": {t: 0 for t in TASKS}, "malformed": 0, "truncated": 0}
+  """A row stream's state: next_row's (stage, tokens drawn in it, draws per task), the draws
+  still waiting for a row, tokens packed in the stage and in all, bad and cut records."""
+  return {**new_stream(), "row": 0, "pending": [], "packed": _zeros(), "stage_packed": _zeros(),
+          "malformed": 0, "truncated": 0}
 
 
 class RowStreams(grain.IterDataset):
@@ -154,51 +187,36 @@ class _RowStreamsIterator(grain.DatasetIterator):
     return seg
 
   def _row(self, r: int, st: dict) -> dict[str, np.ndarray]:
-    """First fit: waiting segments in order, then new draws; a draw that does not fit waits,
-    and the row closes when it is full or `lookahead` segments wait. A row holding
-    vision.max_images_per_sequence images draws no more images (the image share is then
-    capped by that limit: size it for the mixture)."""
+    """The stream's next row by mixture.next_row: a row holding vision.max_images_per_sequence
+    images draws no more images (mixture.check_shares stops, before training, a mixture whose
+    image share that cap cannot deliver). At a stage change the waiting segments (at most
+    data.pack_lookahead per stream, all placed within that many rows) are delivered in the new
+    stage and count toward its shares."""
     ds = self.ds
     step = ds.fixed_step if ds.fixed_step is not None else st["row"] * ds.workers + ds.worker
     stage = ds.schedule.stage_at(step)
-    if stage != st["stage"]:
-      st["stage"], st["emitted"] = stage, {t: 0 for t in TASKS}
-    weights = ds.schedule.weights[stage]
     cache = self._waiting.setdefault(r, {})
-    segs, used, images, waiting = [], 0, 0, []
+    waiting = [((task, n), cache.get((task, n)) or self._fetch(r, task, n))
+               for task, n in st["pending"]]
+    if stage != st["stage"]:
+      st["stage_packed"] = _zeros()
 
-    def place(task, draw, seg) -> bool:
-      nonlocal used, images
-      if used + len(seg) > ds.seq_len or (
-          seg.image is not None and images >= ds.vision.max_images_per_sequence):
-        waiting.append([task, draw])
-        cache[(task, draw)] = seg
-        return False
-      segs.append(seg)
-      used, images = used + len(seg), images + (seg.image is not None)
-      st["packed"][task] += len(seg)
-      cache.pop((task, draw), None)
-      return True
-
-    for task, draw in st["pending"]:
-      seg = cache.get((task, draw)) or self._fetch(r, task, draw)
-      place(task, draw, seg)
-    while used < ds.seq_len and len(waiting) < ds.lookahead:
-      full = images >= ds.vision.max_images_per_sequence
-      task = pick_task(weights, st["emitted"], exclude=("image_text",) if full else ())
-      if task is None:
-        break
-      draw = st["draws"][task]
-      st["draws"][task] += 1
-      seg = self._fetch(r, task, draw, first=True)
+    def fetch(task: str, n: int) -> Segment | None:
+      seg = self._fetch(r, task, n, first=True)
       if seg is None:
-        st["malformed"] += self._index(r, draw) < ds.sizes[task]
-        continue
-      st["emitted"][task] += len(seg)
-      place(task, draw, seg)
-    st["pending"] = waiting
+        st["malformed"] += self._index(r, n) < ds.sizes[task]
+      return seg
+
+    placed, left = next_row(st, stage, ds.schedule.weights[stage], waiting, fetch, ds.seq_len,
+                            ds.vision.max_images_per_sequence, ds.lookahead)
+    for key, seg in placed:
+      st["packed"][key[0]] += len(seg)
+      st["stage_packed"][key[0]] += len(seg)
+      cache.pop(key, None)
+    cache.update(left)
+    st["pending"] = [list(key) for key, _ in left]
     st["row"] += 1
-    return pack_row(segs, ds.seq_len, ds.layout, ds.vision)
+    return pack_row([seg for _, seg in placed], ds.seq_len, ds.layout, ds.vision)
 
   def __next__(self) -> dict:
     rows = [self._row(r, st) for r, st in self.streams.items()]
@@ -207,14 +225,18 @@ class _RowStreamsIterator(grain.DatasetIterator):
     stats["malformed"] = sum(st["malformed"] for st in self.streams.values())
     stats["truncated"] = sum(st["truncated"] for st in self.streams.values())
     stats["stage"] = max(st["stage"] for st in self.streams.values())
-    batch["stats"] = {"worker": self.ds.worker, **stats}
+    stage_tokens = {t: sum(st["stage_packed"][t] for st in self.streams.values()) for t in TASKS}
+    batch["stats"] = {"worker": self.ds.worker, "stage_tokens": stage_tokens, **stats}
     return batch
 
   def get_state(self) -> dict:
     return {"streams": {str(r): copy.deepcopy(st) for r, st in self.streams.items()}}
 
   def set_state(self, state: dict) -> None:
-    self.streams = {r: copy.deepcopy(state["streams"][str(r)]) for r in self.ds.rows}
+    # Keys a stream gained since the state was saved start as a new stream's (e.g. the
+    # current stage's packed tokens, a counter for the share stats).
+    self.streams = {r: {**_new_stream(), **copy.deepcopy(state["streams"][str(r)])}
+                    for r in self.ds.rows}
     self._waiting = {}
 
 
@@ -247,7 +269,10 @@ class GrainLoader(BatchSource):
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
     shards = data.eval_shards if held_out else data.shards
     workers = 0 if held_out else data.workers
-    components, sizes = {}, {}
+    # Tasks the start-up share check samples: those of the training stages that mix images.
+    checked = set() if held_out else {t for w in schedule.weights if 0 < w["image_text"] < 1
+                                      for t in TASKS if w[t]}
+    components, sizes, lengths, sources, orders = {}, {}, {}, {}, {}
     for i, task in enumerate(live):
       if task == "text" and data.seqio_task:
         source = SeqioTextSource(data.seqio_task,
@@ -261,7 +286,13 @@ class GrainLoader(BatchSource):
         source = RecordSource(resolve_shards(shards[task]))
       order = grain.MapDataset.range(len(source)).shuffle(seed=seed * 1009 + i).repeat(None)
       components[task] = order.map(_Render(source, ctx, data.skip_malformed))
-      sizes[task] = len(source)
+      sizes[task], sources[task], orders[task] = len(source), source, order
+      if task in checked:
+        lengths[task] = _sample_lengths(source, order, ctx)
+    if not held_out:
+      require_shares(check_shares(schedule, lengths, seq_len, vision.max_images_per_sequence,
+                                  data.pack_lookahead, data.share_tolerance),
+                     data.accept_share_shortfall, log.warning)
     self._ds = RowStreams(components, sizes, rows, global_batch, seq_len, schedule, layout,
                           vision, data.pack_lookahead, fixed_step)
     ds = self._ds
@@ -272,8 +303,11 @@ class GrainLoader(BatchSource):
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     self.data, self.seq_len, self.global_batch, self.workers = data, seq_len, global_batch, workers
+    self._schedule, self._live, self._tolerance = schedule, live, data.share_tolerance
+    self._sources, self._orders, self._ctx = sources, orders, ctx
     self._it = iter(ds)
     self._stats: dict[int, dict] = {}
+    self._drift_reported: set[int] = set()
 
   def next_local(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
@@ -283,12 +317,75 @@ class GrainLoader(BatchSource):
 
   def stats(self) -> dict[str, float]:
     """Cumulative counts of this process: packed tokens per task, malformed (skipped) records,
-    each once however often it is drawn, truncated examples, and the current stage."""
-    out: dict[str, float] = {}
+    each once however often it is drawn, truncated examples and the current stage; and, in the
+    current stage, each mixed task's share of the packed tokens beside its target
+    (`share/<task>`, `target/<task>`) and the largest difference (`share_drift`)."""
+    if not self._stats:
+      return {}
+    stage = max(s["stage"] for s in self._stats.values())
+    out: dict[str, float] = {"stage": stage}
     for s in self._stats.values():
       for k, v in s.items():
-        out[k] = max(out.get(k, 0), v) if k == "stage" else out.get(k, 0) + v
+        if k not in ("stage", "stage_tokens"):
+          out[k] = out.get(k, 0) + v
+    delivered = {t: sum(s["stage_tokens"][t] for s in self._stats.values() if s["stage"] == stage)
+                 for t in TASKS}
+    total = sum(delivered.values())
+    target = self._schedule.weights[stage]
+    for t in self._live:
+      out[f"share/{t}"] = delivered[t] / total if total else 0.0
+      out[f"target/{t}"] = target[t]
+    out["share_drift"] = max(abs(out[f"share/{t}"] - target[t]) for t in self._live)
+    self._report_drift(stage, out, total)
     return out
+
+  def _report_drift(self, stage: int, stats: dict, total: int) -> None:
+    """Warn once per stage when a share is past data.share_tolerance after DRIFT_WARMUP_ROWS x
+    data.pack_lookahead rows: by then the segments carried into the stage are placed and the
+    deficit rule has made up for them."""
+    rows = total / (self.seq_len * len(self._ds.rows))
+    if (stats["share_drift"] <= self._tolerance or stage in self._drift_reported
+        or rows < DRIFT_WARMUP_ROWS * self.data.pack_lookahead):
+      return
+    self._drift_reported.add(stage)
+    off = ", ".join(f"{t} {stats[f'share/{t}']:.3f} (target {stats[f'target/{t}']:.3f})"
+                    for t in self._live
+                    if abs(stats[f"share/{t}"] - stats[f"target/{t}"]) > self._tolerance)
+    log.warning("data: stage %d delivers %s of its %s packed tokens so far on this process, "
+                "beyond data.share_tolerance=%s", stage + 1, off, f"{total:,}", self._tolerance)
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    """Steps after which every record of the last stage's tasks has been packed into a row
+    `epochs` times (a fraction: the first epochs x records of each task's shuffled order), draws
+    in earlier stages included: the length of an epoch-based run such as SFT. Each record is
+    rendered once for its length, then every global row stream (of every worker) is replayed on
+    lengths alone by the loader's own rule, so the count is exact, deterministic and the same on
+    every process."""
+    if epochs <= 0:
+      raise ValueError(f"epochs must be positive, got {epochs}")
+    ds, rows, workers = self._ds, self.global_batch, max(self.workers, 1)
+    lengths = {}
+    for task, source in self._sources.items():
+      if self._schedule.weights[-1][task] > 0:
+        render_one = _Render(source, self._ctx, skip_malformed=True)
+        lengths[task] = [None if s is None else min(len(s), self.seq_len)
+                         for s in map(render_one, range(len(source)))]
+
+    def steps(w: int, r: int) -> int:
+      """Steps until stream r of worker w has placed its share of the epochs' draws: the
+      endless-order indices w + (n * rows + r) * workers below epochs x records."""
+      need = {t: max(0, math.ceil((math.ceil(epochs * len(sizes)) - w - r * workers)
+                                  / (rows * workers))) for t, sizes in lengths.items()}
+
+      def fetch(task: str, n: int) -> SegmentSize | None:
+        size = lengths[task][self._orders[task][w + (n * rows + r) * workers]]
+        return None if size is None else SegmentSize.of(task, size)
+
+      placed = rows_to_place(self._schedule, fetch, need, lambda j: j * workers + w, self.seq_len,
+                             ds.vision.max_images_per_sequence, ds.lookahead)
+      return (placed - 1) * workers + w + 1 if placed else 0
+
+    return max(steps(w, r) for w in range(workers) for r in range(rows))
 
   def _header(self) -> dict:
     return {"global_batch": self.global_batch, "seq_len": self.seq_len,

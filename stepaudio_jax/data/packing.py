@@ -3,10 +3,11 @@
 Segments are laid end to end; segment_ids number them from 1 (0 = padding, which the model's
 attention mask keeps apart), positions restart at 0 in every segment, and the n-th image of the
 row goes with the n-th run of image placeholders (models/omni.py places features in order).
-Choosing what goes in a row (what fits, what waits) is the stream's job (loader.py).
+What goes in a row is `first_fit`; which task is drawn next is the caller's (the loader's
+streams, and the share prediction of mixture.py, run the same rule).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +54,36 @@ def pack_row(
       images += 1
     pos += n
   return row
+
+
+def first_fit(waiting: Sequence[tuple], draw: Callable[[bool], tuple | None], seq_len: int,
+              max_images: int, lookahead: int) -> tuple[list[tuple], list[tuple]]:
+  """One row's (key, segment) pairs, first fit: the `waiting` ones in order, then `draw(full)`
+  (full: the row holds max_images images, so draw no image) until the row is full, `lookahead`
+  segments wait or `draw` returns None. Returns (placed, still waiting), in order.
+
+  The first waiting segment always fits the empty row (segments are cut to seq_len), and new ones
+  queue behind it, so a waiting segment is placed within `lookahead` rows.
+  """
+  placed, left, used, images = [], [], 0, 0
+
+  def place(item: tuple) -> None:
+    nonlocal used, images
+    seg = item[1]
+    if used + len(seg) <= seq_len and (seg.image is None or images < max_images):
+      placed.append(item)
+      used, images = used + len(seg), images + (seg.image is not None)
+    else:
+      left.append(item)
+
+  for item in waiting:
+    place(item)
+  while used < seq_len and len(left) < lookahead:
+    item = draw(images >= max_images)
+    if item is None:
+      break
+    place(item)
+  return placed, left
 
 
 def truncate(seg: Segment, n: int) -> Segment:

@@ -21,6 +21,9 @@ from stepaudio_jax.config.data import TASKS
 from stepaudio_jax.config.model import TokenLayout
 
 FORMAT_VERSION = 1
+# Preference pairs (data/pairs.py) are records too, read by the reward model and PPO, not mixed
+# into pretraining rows.
+PREFERENCE = "preference"
 
 
 class RecordError(ValueError):
@@ -134,6 +137,20 @@ def _check_aqta(example: Example) -> None:
     raise RecordError("aqta's last chunk (the answer) has no text")
 
 
+def _check_preference(example: Example) -> None:
+  n = len(example.text)
+  if n < 3 or (n - 3) % 2:
+    raise RecordError(f"preference needs text history turns in pairs, then question, chosen, "
+                      f"rejected; got {n} chunks")
+  for i, (text, ling, sem) in enumerate(zip(example.text, example.linguistic, example.semantic)):
+    spoken = bool(ling.size or sem.size)
+    if i == n - 3:
+      if spoken == bool(text.size):
+        raise RecordError(f"preference chunk {i} is the question: text or audio, not both/none")
+    elif spoken or not text.size:
+      raise RecordError(f"preference chunk {i} is a text turn or answer: text and no audio")
+
+
 def _check_codes(name: str, arrays: Sequence[np.ndarray], limit: int | None) -> None:
   for i, a in enumerate(arrays):
     if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
@@ -147,8 +164,8 @@ def _check_codes(name: str, arrays: Sequence[np.ndarray], limit: int | None) -> 
 
 def validate(example: Example, layout: TokenLayout | None = None) -> Example:
   """Check task, dtypes, ranks, chunk counts, code ranges (with a layout) and the image."""
-  if example.task not in TASKS:
-    raise RecordError(f"unknown task {example.task!r}; expected one of {TASKS}")
+  if example.task not in TASKS + (PREFERENCE,):
+    raise RecordError(f"unknown task {example.task!r}; expected one of {TASKS + (PREFERENCE,)}")
   n = len(example.text)
   if not (len(example.linguistic) == len(example.semantic) == n):
     raise RecordError(f"chunk counts differ: text {n}, linguistic {len(example.linguistic)}, "
@@ -156,6 +173,8 @@ def validate(example: Example, layout: TokenLayout | None = None) -> Example:
   if example.task in ("audio_text_interleaved", "aqta"):
     if n < 1:
       raise RecordError(f"{example.task} needs at least one chunk")
+  elif example.task == PREFERENCE:
+    _check_preference(example)
   elif example.task == "tts":
     if n not in (1, 2):
       raise RecordError(f"tts has one chunk (target) or two (prompt, target), got {n}")

@@ -141,6 +141,24 @@ def _aqta(b: _Builder, ex: Example, ctx: TemplateContext) -> None:
   b.turn("assistant", lambda: b.add(ex.text[-1], TokenType.TEXT), learn_body=True)
 
 
+def dialogue_prompt(ctx: TemplateContext, history: list[np.ndarray], question_text: np.ndarray,
+                    question_audio: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+  """The ids before an AQTA answer (as _aqta renders them): <bos>, system, the text history,
+  the question (audio if given, else text), and the assistant turn's opening; the reward
+  model's prompt and PPO's."""
+  b = _Builder(ctx)
+  b.turn("system", lambda: b.text(ctx.aqta_prompt), learn_body=False)
+  for i, said in enumerate(history):
+    b.turn(("human", "assistant")[i % 2], lambda t=said: b.add(t, TokenType.PAD), learn_body=False)
+  if question_audio is not None:
+    b.turn("human", lambda: b.audio(*question_audio, learn=False), learn_body=False)
+  else:
+    b.turn("human", lambda: b.add(question_text, TokenType.PAD), learn_body=False)
+  b.add([ctx.layout.bot_id], TokenType.PAD)
+  b.text("assistant\n")
+  return np.concatenate(b.ids).astype(np.int32)
+
+
 def render(ex: Example, ctx: TemplateContext) -> Segment:
   """One example in its task's format (module docstring), with the loss it needs."""
   b, lay, task = _Builder(ctx), ctx.layout, task_of(ex)

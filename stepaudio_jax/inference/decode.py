@@ -62,8 +62,35 @@ class Decoder:
   """
 
   prefill: Callable[[dict, Prompts], tuple[Float[Array, "B V"], KVCache]]
-  step: Callable[[dict, Int[Array, "B"], KVCache], tuple[Float[Array, "B V"], KVCache]]
+  step: Callable[[dict, Int[Array, " B"], KVCache], tuple[Float[Array, "B V"], KVCache]]
   cache_length: int
+
+
+def prefill(
+    graphdef: nnx.GraphDef, params: dict, prompts: Prompts, cache_length: int
+) -> tuple[Float[Array, "B V"], KVCache]:
+  """The prompts into an empty cache of cache_length slots; the logits after each last token.
+
+  Pure in (params, prompts), so it traces inside any jitted function (a sampler in a train
+  step); with a sharded graph the cache is constrained to KVCache.shardings."""
+  lm = nnx.merge(graphdef, params)
+  cache = KVCache.init(lm.cfg, prompts.tokens.shape[0], cache_length)
+  if lm.shard is not None:
+    cache = jax.lax.with_sharding_constraint(cache, KVCache.shardings(lm.shard))
+  h_BPD, cache = lm.hidden_states(lm.embed_tokens(prompts.tokens), prompts.segment_ids,
+                                  prompts.positions, cache)
+  return lm.logits(h_BPD[:, -1:])[:, 0], cache
+
+
+def step(
+    graphdef: nnx.GraphDef, params: dict, tokens: Int[Array, " B"], cache: KVCache
+) -> tuple[Float[Array, "B V"], KVCache]:
+  """One token per row into the cache, at each row's next true position; the logits after it."""
+  lm = nnx.merge(graphdef, params)
+  positions = cache.next_positions()
+  segment_ids = jnp.full_like(positions, ONE_SEGMENT)
+  logits, cache = lm.extend(tokens[:, None], segment_ids, positions, cache)
+  return logits[:, 0], cache
 
 
 def make_decoder(
@@ -73,30 +100,17 @@ def make_decoder(
   outputs are sharded by their logical axes (parameters as in training, the batch on
   act_batch, the cache as KVCache.logical_axes)."""
   graphdef, state = nnx.split(model)
-
-  def prefill(params, prompts):
-    lm = nnx.merge(graphdef, params)
-    cache = KVCache.init(lm.cfg, prompts.tokens.shape[0], cache_length)
-    h_BPD, cache = lm.hidden_states(lm.embed_tokens(prompts.tokens), prompts.segment_ids,
-                                    prompts.positions, cache)
-    return lm.logits(h_BPD[:, -1:])[:, 0], cache
-
-  def step(params, tokens, cache):
-    lm = nnx.merge(graphdef, params)
-    positions = cache.next_positions()
-    segment_ids = jnp.full_like(positions, ONE_SEGMENT)
-    logits, cache = lm.extend(tokens[:, None], segment_ids, positions, cache)
-    return logits[:, 0], cache
-
+  prefill_fn = functools.partial(prefill, graphdef, cache_length=cache_length)
+  step_fn = functools.partial(step, graphdef)
   if shard is None:
-    return Decoder(jax.jit(prefill), jax.jit(step, donate_argnums=2), cache_length)
+    return Decoder(jax.jit(prefill_fn), jax.jit(step_fn, donate_argnums=2), cache_length)
   params_sh, cache_sh = shard.tree(logical_axes(state)), KVCache.shardings(shard)
   rows_sh = shard.named(("act_batch", None))
   logits_sh = shard.named(("act_batch", "act_vocab"))
   return Decoder(
-      jax.jit(prefill, in_shardings=(params_sh, Prompts(rows_sh, rows_sh, rows_sh)),
+      jax.jit(prefill_fn, in_shardings=(params_sh, Prompts(rows_sh, rows_sh, rows_sh)),
               out_shardings=(logits_sh, cache_sh)),
-      jax.jit(step, in_shardings=(params_sh, shard.named(("act_batch",)), cache_sh),
+      jax.jit(step_fn, in_shardings=(params_sh, shard.named(("act_batch",)), cache_sh),
               out_shardings=(logits_sh, cache_sh), donate_argnums=2),
       cache_length,
   )

@@ -17,17 +17,18 @@ from stepaudio_jax.config import RunConfig
 from stepaudio_jax.config.model import Step1Config, VisionConfig
 
 
-def lm_matmul_params(model: Step1Config) -> int:
+def lm_matmul_params(model: Step1Config, lm_head: bool = True) -> int:
   d, h = model.hidden_size, model.head_dim
   attn = d * h * (2 * model.num_heads + 2 * model.num_kv_heads)
   mlp = 3 * d * model.intermediate_size
-  return model.num_layers * (attn + mlp) + d * model.vocab_size
+  return model.num_layers * (attn + mlp) + (d * model.vocab_size if lm_head else 0)
 
 
-def train_flops_per_token(model: Step1Config, seq_len: int) -> float:
+def train_flops_per_token(model: Step1Config, seq_len: int, lm_head: bool = True) -> float:
+  """lm_head=False: a reward or value model (the backbone, its scalar head negligible)."""
   t_avg = (seq_len + 1) / 2
   attention = 4 * model.num_layers * model.num_heads * model.head_dim * t_avg
-  return 3 * (2 * lm_matmul_params(model) + attention)
+  return 3 * (2 * lm_matmul_params(model, lm_head) + attention)
 
 
 def vision_train_flops_per_image(vision: VisionConfig, lm_width: int) -> float:

@@ -70,13 +70,20 @@ class Update:
   """One optimizer update inside a step: the groups it trains and the loss they descend.
 
   A step runs its task's updates in order, each seeing the parameters the previous ones wrote:
-  (discriminator, generator) is the usual alternating GAN step.
+  (discriminator, generator) is the usual alternating GAN step. `epochs` x `minibatches` makes
+  it several optimizer updates over the prepared batch (PPO); `starts_at` holds it back until
+  that step (a critic warm-up with the policy frozen); `report_first` names metrics also
+  reported from the very first of its updates (`first/<name>`: PPO's ratio there must be 1).
   """
 
   groups: tuple[str, ...]
   loss: Loss
   name: str = ""
   denominator: str = "tokens"
+  epochs: int = 1
+  minibatches: int = 1
+  starts_at: int = 0
+  report_first: tuple[str, ...] = ()
 
 
 def split_model(module: nnx.Module, trainable) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -113,6 +120,16 @@ class Task:
   def make_source(self, split: Split) -> BatchSource:
     raise NotImplementedError
 
+  def prepare(self, params: dict, frozen: dict, batch: dict, rng: jax.Array
+              ) -> tuple[dict, dict[str, jax.Array]]:
+    """(the batch the updates see, metrics), computed in the step without gradients; by
+    default the batch as it came."""
+    return batch, {}
+
+  def total_steps(self) -> int:
+    """The run's length: train.steps, unless the task's data decides it (train.epochs)."""
+    return self.cfg.train.steps
+
   def updates(self) -> tuple[Update, ...]:
     """One update of every trained group on `loss`; override for several (e.g. G/D)."""
     trained = tuple(n for n, m in self.models().items() if m.optimizer is not None)
@@ -141,14 +158,19 @@ class Task:
     """Analytic model FLOPs of one step, for MFU (0 = not reported)."""
     return 0.0
 
-  def warm_start(self, params: dict, loaded: dict) -> dict:
-    """New step-0 params from another run's (`checkpoint.init_from`), both host trees by group;
-    by default the groups the other run also has are taken as they are."""
+  def warm_start(self, params: dict, frozen: dict, load: Callable[[str], dict]
+                 ) -> tuple[dict, dict]:
+    """Step-0 (params, frozen) from other runs; `load(run_dir)` gives a run's trainable
+    parameters by model, as host arrays. By default the models `checkpoint.init_from` also has
+    are taken as they are."""
+    source = self.cfg.checkpoint.init_from
+    if not source:
+      return params, frozen
     out = dict(params)
-    for name, tree in loaded.items():
+    for name, tree in load(source).items():
       if name in out:
         out[name] = tree
-    return out
+    return out, frozen
 
   # -- provided ----------------------------------------------------------------------------
 

@@ -72,9 +72,15 @@ class PretrainTask(Task):
   def flops_per_step(self) -> float:
     return flops.train_step_flops(self.cfg, self.cfg.train.batch_size)
 
-  def warm_start(self, params: dict, loaded: dict) -> dict:
-    """The LM of another run (e.g. text-only), its vocabulary grown to model.vocab_size."""
+  def warm_start(self, params, frozen, load):
+    """The LM of checkpoint.init_from (e.g. a text-only run), its vocabulary grown to
+    model.vocab_size."""
     source = self.cfg.checkpoint.init_from
+    if not source:
+      return params, frozen
+    loaded = load(source)
+    if "model" not in loaded or "lm" not in loaded["model"]:
+      raise ValueError(f"checkpoint.init_from={source!r} holds no LM (models: {sorted(loaded)})")
     lm = {"lm": loaded["model"]["lm"]}
     old_vocab = lm["lm"]["embed"].shape[0]
     if old_vocab != self.cfg.model.vocab_size:
@@ -88,4 +94,4 @@ class PretrainTask(Task):
       raise ValueError(
           f"checkpoint.init_from={source!r} has LM shapes {got} but the model config needs "
           f"{want}; use a model config that matches it")
-    return {**params, "model": {**params["model"], "lm": lm["lm"]}}
+    return {**params, "model": {**params["model"], "lm": lm["lm"]}}, frozen

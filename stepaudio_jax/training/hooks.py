@@ -5,6 +5,7 @@ stops the run, and its state is never checkpointed: the checkpoint hook waits fo
 of a step it saves and checks them first, so the newest checkpoint is always a finite one.
 """
 
+import json
 import math
 from collections.abc import Callable
 
@@ -90,20 +91,35 @@ class CheckpointHook(Hook):
 
 
 class EvalHook(Hook):
-  """Every `every` steps: the eval step over the first `batches` batches of the held-out source
-  (the same batches each time), summed, turned into metrics by the task, logged."""
+  """Every `every` steps and after the last: the eval step over the first `batches` batches of
+  the held-out source (the same batches each time), summed, turned into metrics by the task,
+  logged, and written to
+  `json_path` (the newest eval, for later phases and reports: e.g. PPO reads the reward model's
+  reward mean and std there)."""
 
   def __init__(self, every: int, batches: int, eval_step: Callable, source: BatchSource,
-               fields: dict, metrics: Callable, progress: Progress):
+               fields: dict, metrics: Callable, progress: Progress, json_path: str | None):
     self.every, self.batches, self.eval_step = every, batches, eval_step
     self.source, self.fields, self.metrics, self.progress = source, fields, metrics, progress
+    self.json_path = json_path
 
   def after_step(self, step, state, metrics, data_stats) -> None:
+    if step % self.every == 0:
+      self._evaluate(step, state)
+
+  def end(self, step, state) -> None:
+    """The final state is evaluated too (what later phases read from json_path)."""
     if step % self.every:
-      return
+      self._evaluate(step, state)
+
+  def _evaluate(self, step, state) -> None:
     self.source.restart(step)
     sums = None
     for _ in range(self.batches):
       out = self.eval_step(state, next_global_batch(self.source, self.fields))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    self.progress.log_eval(step, {k: float(v) for k, v in self.metrics(sums).items()})
+    metrics = {k: float(v) for k, v in self.metrics(sums).items()}
+    self.progress.log_eval(step, metrics)
+    if self.json_path:
+      with open(self.json_path, "w") as f:
+        json.dump({"step": step, **metrics}, f, indent=1)

@@ -13,6 +13,7 @@ from tensorboardX import SummaryWriter
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
               "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+SHARE, TARGET = "data/share_", "data/target_"  # the loader's delivered and configured shares
 # Short names in the progress line for metrics whose full names are long.
 SHORT_NAMES = {"learning_rate": "lr"}
 
@@ -84,9 +85,18 @@ class Progress:
     }
     if self.is_lead:
       head, *rest = [k for k in self.keys if k in metrics]
-      fields = [f"{head} {metrics[head]:.4f}",
-                f"tok/s {rates['tokens_per_second']:,.0f} MFU {100 * rates['mfu']:.1f}%"]
+      fields = [f"{head} {metrics[head]:.4f}"]
+      if self.tokens_per_step:
+        fields.append(f"tok/s {rates['tokens_per_second']:,.0f}")
+      if self.flops_per_step:
+        fields.append(f"MFU {100 * rates['mfu']:.1f}%")
       fields += [f"{SHORT_NAMES.get(k, k)} {_format(metrics[k])}" for k in rest]
+      # A mixture's delivered token shares of the stage beside their (non-zero) targets.
+      shares = [f"{k[len(SHARE):]} {v:.3f}/{metrics[TARGET + k[len(SHARE):]]:.3f}"
+                for k, v in metrics.items()
+                if k.startswith(SHARE) and metrics.get(TARGET + k[len(SHARE):], 0) > 0]
+      if len(shares) > 1:
+        fields.append("shares " + " ".join(shares))
       eta = format_duration((self.total_steps - step) * dt)
       self.print(f"step {step}/{self.total_steps} {' '.join(fields)} ETA {eta}", flush=True)
       for k, v in {**metrics, **rates}.items():

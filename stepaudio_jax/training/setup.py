@@ -31,6 +31,7 @@ class Setup:
   shard: LogicalSharding
   task: Task
   optimizers: dict[str, Optimizer]
+  total_steps: int  # train.steps, or what train.epochs of the task's data come to
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   state_shardings: TrainState
   batch: dict[str, jax.ShapeDtypeStruct]  # the global batch, with shardings
@@ -58,13 +59,18 @@ def _optimizers(task: Task, total_steps: int) -> dict[str, Optimizer]:
   return out
 
 
-def setup(cfg: RunConfig, devices: Sequence[jax.Device] | None = None, task: Task | None = None,
-          donate: bool = True) -> Setup:
-  """Everything a run needs on `devices` (default: all); `task` overrides `cfg.task`."""
+TaskFactory = Callable[[RunConfig, LogicalSharding], Task]  # e.g. a Task subclass
+
+
+def setup(cfg: RunConfig, devices: Sequence[jax.Device] | None = None,
+          task: TaskFactory | None = None, donate: bool = True) -> Setup:
+  """Everything a run needs on `devices` (default: all); `task` (built with this config and
+  sharding) replaces the one `cfg.task` names."""
   mesh = make_mesh(cfg.mesh, devices)
   shard = LogicalSharding.create(mesh, cfg.mesh.rules)
-  task = task if task is not None else make_task(cfg, shard)
-  optimizers = _optimizers(task, cfg.train.steps)
+  task = make_task(cfg, shard) if task is None else task(cfg, shard)
+  total_steps = task.total_steps()
+  optimizers = _optimizers(task, total_steps)
   init = functools.partial(init_state, task, optimizers, cfg.train.seed)
   shapes = jax.eval_shape(init)
   shardings = state_shardings(task, optimizers, shard, shapes)
@@ -85,7 +91,7 @@ def setup(cfg: RunConfig, devices: Sequence[jax.Device] | None = None, task: Tas
       donate_argnums=0 if donate else (),
   )
   return Setup(
-      cfg=cfg, mesh=mesh, shard=shard, task=task, optimizers=optimizers,
+      cfg=cfg, mesh=mesh, shard=shard, task=task, optimizers=optimizers, total_steps=total_steps,
       abstract_state=abstract, state_shardings=shardings, batch=batch,
       init=jax.jit(init, out_shardings=shardings),
       train=train,

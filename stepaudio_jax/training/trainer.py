@@ -10,16 +10,34 @@ cannot be read stops the run: it never falls back to step 0.
 import os
 
 import jax
+import jax.numpy as jnp
 
 from stepaudio_jax.config import RunConfig, dump_config
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, next_global_batch
-from stepaudio_jax.tasks.base import Split, Task
+from stepaudio_jax.tasks.base import Split
 from stepaudio_jax.training import loop
 from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError, restore_params
 from stepaudio_jax.training.hooks import CheckpointHook, EvalHook, MetricsHook
 from stepaudio_jax.training.progress import Progress, device_peak_flops
-from stepaudio_jax.training.setup import Setup, setup
+from stepaudio_jax.training.setup import Setup, TaskFactory, setup
 from stepaudio_jax.training.state import TrainState
+
+EVAL_METRICS = "eval_metrics.json"  # RUN_DIR/eval_metrics.json: the newest eval's metrics
+
+
+def _unaliased(tree):
+  """The tree with any array that appears twice copied: a warm start may put one array in two
+  models (a PPO policy and its frozen reference), and the donated state must not hold a buffer
+  twice."""
+  seen = set()
+
+  def once(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(once, tree)
 
 
 def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
@@ -34,12 +52,13 @@ def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
   if latest is None:
     with jax.set_mesh(run.mesh):
       state = run.init()
-    if cfg.checkpoint.init_from:
-      try:
-        params = run.task.warm_start(state.params, restore_params(cfg.checkpoint.init_from))
-      except ValueError as e:
-        raise CheckpointError(str(e)) from e
-      state = state.replace(params=jax.device_put(params, run.state_shardings.params))
+    try:
+      params, frozen = run.task.warm_start(state.params, state.frozen, restore_params)
+    except ValueError as e:
+      raise CheckpointError(str(e)) from e
+    params, frozen = _unaliased((params, frozen))
+    state = state.replace(params=jax.device_put(params, run.state_shardings.params),
+                          frozen=jax.device_put(frozen, run.state_shardings.frozen))
     say(f"no checkpoint in {ckpt.directory}: starting at step 0")
     return state
   state, data_state = ckpt.restore(latest, run.abstract_state)
@@ -48,10 +67,10 @@ def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
   if data_state["step"] != start:
     raise CheckpointError(
         f"checkpoint step {start} carries data iterator state for step {data_state['step']}")
-  saved_steps = data_state.get("train_steps", cfg.train.steps)
-  if start and saved_steps != cfg.train.steps and not cfg.optimizer.decay_steps:
+  saved_steps = data_state.get("train_steps", run.total_steps)
+  if start and saved_steps != run.total_steps and not cfg.optimizer.decay_steps:
     say(f"WARNING: this run was saved with train.steps={saved_steps} and resumes with "
-        f"{cfg.train.steps}: schedules that end with the run (optimizer.decay_steps=0) change "
+        f"{run.total_steps}: schedules that end with the run (optimizer.decay_steps=0) change "
         "shape from here; set optimizer.decay_steps to keep the old one")
   if start:
     try:
@@ -61,7 +80,7 @@ def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
   return state
 
 
-def train(cfg: RunConfig, print_fn=print, task: Task | None = None) -> list[dict]:
+def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> list[dict]:
   """Run training per `cfg` (its `task:`, or `task` if given); returns the per-step metrics."""
   tc = cfg.train
   run = setup(cfg, task=task)
@@ -79,12 +98,12 @@ def train(cfg: RunConfig, print_fn=print, task: Task | None = None) -> list[dict
   except BaseException:
     ckpt.close()
     raise
-  start = int(jax.device_get(state.step))
+  start, total = int(jax.device_get(state.step)), run.total_steps
   if lead:  # only now: a refused run leaves the run directory's config as it was
     dump_config(cfg, os.path.join(tc.run_dir, "config.yaml"))
 
   def data_state(step: int) -> dict:
-    out = {"step": step, "train_steps": tc.steps}
+    out = {"step": step, "train_steps": total}
     position = source.get_state()
     return out if position is None else {**out, "iterator": position}
 
@@ -93,19 +112,20 @@ def train(cfg: RunConfig, print_fn=print, task: Task | None = None) -> list[dict
       batch = next_global_batch(source, run.batch)
       yield batch, source.stats()
 
-  progress = Progress(os.path.join(tc.run_dir, "tensorboard"), tc.steps,
+  progress = Progress(os.path.join(tc.run_dir, "tensorboard"), total,
                       run.task.tokens_per_step(), run.task.flops_per_step(),
                       device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
                       run.task.progress_keys, lead, print_fn)
-  metrics = MetricsHook(progress, tc.log_every, tc.steps, ckpt.manager.latest_step, print_fn,
+  metrics = MetricsHook(progress, tc.log_every, total, ckpt.manager.latest_step, print_fn,
                         lead)
   hooks = [metrics, CheckpointHook(ckpt, data_state)]
   if eval_source is not None:
     hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
-                          run.task.eval_metrics, progress))
+                          run.task.eval_metrics, progress,
+                          os.path.join(tc.run_dir, EVAL_METRICS) if lead else None))
   try:
     with jax.set_mesh(run.mesh), loop.StopFlag() as stop:
-      _, step = loop.run(state, run.train, batches(), start, tc.steps, hooks, stop,
+      _, step = loop.run(state, run.train, batches(), start, total, hooks, stop,
                          tc.shutdown_timeout)
   except BaseException:
     try:

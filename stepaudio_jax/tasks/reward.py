@@ -1,0 +1,154 @@
+"""The reward model (report section 5.3): Bradley-Terry on preference pairs, in two stages.
+
+One model, `reward`: the Step1 backbone with a scalar head (models/reward.py), its backbone
+started from an SFT or pretrained run (`checkpoint.init_from`, its `model.lm` without the LM
+head), its head as ScalarHead draws it (std 1/sqrt(D+1), bias 0). Each row of the batch is a
+pair: the chosen and the rejected answer after the same prompt; the score is read at each
+sequence's last real token, which must be the <|EOT|> ending the answer: a pair where either side
+has no EOS there (cut by train.seq_len, or a record without one) is counted in `no_eos` and
+left out of the loss. Loss: -log sigmoid(r_chosen - r_rejected - margin).
+
+Stages (`reward.stages`, report: text pairs, then audio-question pairs, one epoch each) follow
+each other in one run; their passes decide the run's length. Eval reads every stage's held-out
+pairs and reports pair accuracy, mean margin, and the mean and std of all scores, which PPO
+reads from RUN_DIR/eval_metrics.json to normalise the score.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stepaudio_jax.config import ConfigError
+from stepaudio_jax.data.pairs import PAIR_SIDES, PairSource, PairStage
+from stepaudio_jax.data.source import BatchSource
+from stepaudio_jax.data.templates import TemplateContext
+from stepaudio_jax.data.tokenizer import make_tokenizer
+from stepaudio_jax.models import flops
+from stepaudio_jax.models.reward import RewardModel, last_token_index, score_at
+from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+
+ROW = ("act_batch", "act_length")
+
+
+def template_context(cfg) -> TemplateContext:
+  d = cfg.data
+  return TemplateContext(cfg.tokens, cfg.vision, make_tokenizer(d.tokenizer_model, cfg.tokens),
+                         d.codebooks, d.asr_prompt, d.tts_prompt, d.aqta_prompt)
+
+
+def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array) -> jax.Array:
+  """-log sigmoid(r_chosen - r_rejected - margin), per pair."""
+  return -jax.nn.log_sigmoid(r_chosen - r_rejected - margin)
+
+
+class RewardTask(Task):
+  progress_keys = ("loss", "accuracy", "margin", "grad_norm", "learning_rate")
+
+  def __init__(self, cfg, shard):
+    super().__init__(cfg, shard)
+    if not cfg.reward.stages:
+      raise ConfigError("task=reward needs reward.stages (preference-pair shards per stage)")
+    self._ctx = None
+
+  @property
+  def ctx(self) -> TemplateContext:
+    if self._ctx is None:
+      self._ctx = template_context(self.cfg)
+    return self._ctx
+
+  def models(self):
+    cfg = self.cfg
+    return {"reward": Model(lambda rngs: RewardModel(cfg.model, self.shard, rngs=rngs),
+                            optimizer=cfg.optimizer)}
+
+  def batch_fields(self):
+    b, t = self.cfg.train.batch_size, self.cfg.train.seq_len
+    fields = {f"{side}_{k}": BatchField((b, t), np.int32, ROW)
+              for side in PAIR_SIDES for k in ("tokens", "segment_ids", "positions")}
+    fields["margin"] = BatchField((b,), np.float32, ("act_batch",))
+    return fields
+
+  def scores(self, params, frozen, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(r_chosen, r_rejected, valid): scores at each side's last token; valid = both are EOS."""
+    rm = self.merge("reward", params, frozen)
+    eos = self.cfg.tokens.eos_id
+    out, valid = [], True
+    for side in PAIR_SIDES:
+      tokens, seg = batch[f"{side}_tokens"], batch[f"{side}_segment_ids"]
+      last = last_token_index(seg)
+      out.append(score_at(rm(tokens, seg, batch[f"{side}_positions"]), last))
+      valid = valid & (score_at(tokens, last) == eos)
+    return out[0], out[1], valid
+
+  def loss(self, params, frozen, batch, rng):
+    r_c, r_r, valid = self.scores(params, frozen, batch)
+    w = valid.astype(jnp.float32)
+    diff = r_c - r_r
+    per_pair = bradley_terry(r_c, r_r, batch["margin"] + self.cfg.reward.margin) * w
+    sums = {
+        "loss_sum": per_pair.sum(), "pairs": w.sum(), "rows": jnp.float32(w.size),
+        "correct": ((diff > 0) * w).sum(), "margin_sum": (diff * w).sum(),
+        "score_sum": ((r_c + r_r) * w).sum(), "score_sq_sum": ((r_c**2 + r_r**2) * w).sum(),
+    }
+    return sums["loss_sum"], sums
+
+  def metrics(self, sums, denominator="pairs"):
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    mean = sums["score_sum"] / (2 * pairs)
+    return {
+        "loss": sums["loss_sum"] / pairs, "accuracy": sums["correct"] / pairs,
+        "margin": sums["margin_sum"] / pairs, "pairs": sums["pairs"],
+        "no_eos_fraction": 1.0 - sums["pairs"] / jnp.maximum(sums["rows"], 1.0),
+        "reward_mean": mean,
+        "reward_std": jnp.sqrt(jnp.maximum(sums["score_sq_sum"] / (2 * pairs) - mean**2, 0.0)),
+    }
+
+  def updates(self):
+    return (Update(("reward",), self.loss, denominator="pairs"),)
+
+  def tokens_per_step(self) -> float:
+    return 2 * self.cfg.train.batch_size * self.cfg.train.seq_len
+
+  def flops_per_step(self) -> float:
+    """The LM's training FLOPs on both sides of every pair (the head's are negligible)."""
+    tc = self.cfg.train
+    return self.tokens_per_step() * flops.train_flops_per_token(self.cfg.model, tc.seq_len,
+                                                                lm_head=False)
+
+  def _stages(self, split: Split) -> list[PairStage]:
+    stages = self.cfg.reward.stages
+    if split == Split.EVAL:
+      held_out = tuple(g for s in stages for g in s.eval_shards)
+      if not held_out:
+        raise ConfigError("train.eval_every reads held-out pairs: give reward.stages "
+                          "eval_shards, or set train.eval_every=0")
+      return [PairStage(held_out, 1.0)]
+    return [PairStage(tuple(s.shards), s.epochs) for s in stages]
+
+  def make_source(self, split: Split) -> BatchSource:
+    tc, counter = self.cfg.train, self.cfg.reward.counter_answer
+    answer = np.asarray(self.ctx.tokenizer.encode(counter), np.int32) if counter else None
+    return PairSource(self._stages(split), self.ctx, tc.seq_len, tc.batch_size, tc.seed, answer)
+
+  def total_steps(self) -> int:
+    return self.make_source(Split.TRAIN).total_steps()
+
+  def warm_start(self, params, frozen, load):
+    """A reward model run continues as it is; an LM run (SFT, pretraining) gives the backbone
+    (its `model.lm` without `lm_head`), and the head keeps its initialisation."""
+    source = self.cfg.checkpoint.init_from
+    if not source:
+      return params, frozen
+    loaded = load(source)
+    if "reward" in loaded:
+      return {**params, "reward": loaded["reward"]}, frozen
+    if "model" not in loaded or "lm" not in loaded["model"]:
+      raise ValueError(f"checkpoint.init_from={source!r} holds neither a reward model nor an "
+                       f"LM (models: {sorted(loaded)})")
+    lm = {k: v for k, v in loaded["model"]["lm"].items() if k != "lm_head"}
+    want = jax.tree.map(lambda x: x.shape, params["reward"]["lm"])
+    got = jax.tree.map(lambda x: x.shape, lm)
+    if want != got:
+      raise ValueError(f"checkpoint.init_from={source!r} has LM shapes {got} but the model "
+                       f"needs {want}; use the model config it was trained with")
+    return {**params, "reward": {**params["reward"], "lm": lm}}, frozen
