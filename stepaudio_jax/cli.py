@@ -52,6 +52,9 @@ def _aot(args) -> int:
   return 0 if report.fits else 1
 
 
+CHECK_TOKENS = [1, 5, 9, 200, 7, 3, 4, 12, 64, 301, 2, 11]  # all below any layout's text block
+
+
 def _export(args) -> int:
   import jax
 
@@ -69,6 +72,14 @@ def _export(args) -> int:
   if jax.process_index() == 0:
     print(f"exported step {summary.step} as {summary.architecture} to {summary.out_dir}: "
           f"{summary.num_tensors} tensors, {summary.total_bytes / 1e6:.1f} MB")
+    if args.check:
+      from stepaudio_jax.export.parity import check_export
+
+      parity = check_export(args.checkpoint, args.out_dir, args.dtype, CHECK_TOKENS)
+      print(f"parity vs stepaudio score ({len(CHECK_TOKENS)} tokens, fp32): max |dlogit| "
+            f"{parity.max_logit_diff:.2e}, max per-token KL {parity.max_token_kl:.2e}: "
+            f"{'ok' if parity.ok else 'MISMATCH'}")
+      return 0 if parity.ok else 1
   return 0
 
 
@@ -187,6 +198,9 @@ def _add_export_commands(sub) -> None:
   p.add_argument("--overwrite", action="store_true",
                  help="export into a non-empty out_dir, replacing the model files there (weights, "
                       "index, config, tokenizer) and keeping any other file")
+  p.add_argument("--check", action="store_true",
+                 help="load the export in PyTorch and compare its logits with `stepaudio score` "
+                      "(needs the export extra); exit 1 on a mismatch")
   p.set_defaults(fn=_export)
 
   p = sub.add_parser("score", help="write the model's float32 logits [seq, vocab] for token ids")

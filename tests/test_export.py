@@ -200,3 +200,11 @@ def test_score_command_writes_logits(alibi_run, tmp_path):
   logits = np.load(out)
   assert logits.shape == (3, 512) and logits.dtype == np.float32
   np.testing.assert_array_equal(logits, score(alibi_run, [1, 5, 9]))
+
+
+def test_export_check_compares_with_pytorch(alibi_run, rope_run, tmp_path, capsys):
+  for name, run in (("alibi", alibi_run), ("rope", rope_run)):
+    assert cli.main(["export", run, str(tmp_path / name), "--dtype", "float32", "--check"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("parity vs stepaudio score") and line.endswith(": ok"), line
+    assert float(line.split("max |dlogit| ")[1].split(",")[0]) < 1e-4

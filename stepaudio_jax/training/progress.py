@@ -1,6 +1,8 @@
 """Progress lines and TensorBoard events for long runs, and the peak FLOP/s that MFU divides by."""
 
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -13,6 +15,7 @@ from tensorboardX import SummaryWriter
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
               "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+METRICS_FILE = "metrics.jsonl"
 SHARE, TARGET = "data/share_", "data/target_"  # the loader's delivered and configured shares
 # Short names in the progress line for metrics whose full names are long.
 SHORT_NAMES = {"learning_rate": "lr"}
@@ -57,17 +60,26 @@ def _format(value: float) -> str:
 
 class Progress:
   """Turns fetched step metrics into a progress line (step, the task's headline metrics,
-  tokens/s, MFU, ETA) and TensorBoard events. Only process 0 prints and writes events.
+  tokens/s, MFU, ETA), TensorBoard events, and lines of RUN_DIR/metrics.jsonl
+  ({"kind": "train" | "eval", "step", "seconds" since this process started, metrics...}: what
+  `stepaudio report` reads). Only process 0 prints and writes.
   """
 
-  def __init__(self, log_dir: str, total_steps: int, tokens_per_step: float,
+  def __init__(self, run_dir: str, total_steps: int, tokens_per_step: float,
                flops_per_step: float, peak_flops: float, keys: Sequence[str], is_lead: bool,
                print_fn=print):
     self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
     self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.keys, self.is_lead, self.print = tuple(keys), is_lead, print_fn
-    self.writer = SummaryWriter(log_dir) if is_lead else None
+    self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if is_lead else None
+    self.jsonl = open(os.path.join(run_dir, METRICS_FILE), "a") if is_lead else None
+    self._begin = time.perf_counter()
     self._last = None
+
+  def _record(self, kind: str, step: int, metrics: dict) -> None:
+    line = {"kind": kind, "step": step, "seconds": time.perf_counter() - self._begin, **metrics}
+    self.jsonl.write(json.dumps(line) + "\n")
+    self.jsonl.flush()
 
   def start(self, step: int) -> None:
     self._last = (step, time.perf_counter())
@@ -101,6 +113,7 @@ class Progress:
       self.print(f"step {step}/{self.total_steps} {' '.join(fields)} ETA {eta}", flush=True)
       for k, v in {**metrics, **rates}.items():
         self.writer.add_scalar(f"train/{k}", v, step)
+      self._record("train", step, {**metrics, **rates})
     return rates
 
   def log_eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -109,7 +122,9 @@ class Progress:
       self.print(f"eval step {step} {head} {metrics[head]:.4f}", flush=True)
       for k, v in metrics.items():
         self.writer.add_scalar(f"eval/{k}", v, step)
+      self._record("eval", step, metrics)
 
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+      self.jsonl.close()

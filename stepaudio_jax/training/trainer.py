@@ -112,7 +112,7 @@ def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> li
       batch = next_global_batch(source, run.batch)
       yield batch, source.stats()
 
-  progress = Progress(os.path.join(tc.run_dir, "tensorboard"), total,
+  progress = Progress(tc.run_dir, total,
                       run.task.tokens_per_step(), run.task.flops_per_step(),
                       device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
                       run.task.progress_keys, lead, print_fn)
