@@ -8,7 +8,7 @@ JOBS ?= 2
 ACCEL := $(shell ls /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | head -1; command -v nvidia-smi)
 CPU_ONLY := $(if $(ACCEL),,JAX_PLATFORMS=cpu)
 
-.PHONY: demo test test-slow post-train bench clean
+.PHONY: demo demo-fast test test-slow bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The whole pipeline on the committed corpus (pretraining, SFT, reward model, PPO, export with
+# the PyTorch check, generation, flow + vocoder, one WAV, a report), ~6 min on 2 cores;
+# demo-fast: ~1 min, synthetic.
 demo: $(STAMP)
-	rm -rf runs/demo
-	$(CPU_ONLY) $(BIN)/stepaudio train configs/demo.yaml
+	$(CPU_ONLY) $(BIN)/python -m stepaudio_jax.experiments.demo --out runs/demo
+
+demo-fast: $(STAMP)
+	$(CPU_ONLY) $(BIN)/python -m stepaudio_jax.experiments.demo --fast --out runs/demo-fast
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q -m "not slow" tests
@@ -27,19 +32,24 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -q -m slow tests
 
-# The post-training chain on the committed corpus (report section 5) at toy size on this CPU:
-# pretraining, TTS SFT, AQTA SFT, the two-stage reward model, a short PPO (a few minutes).
-post-train: $(STAMP)
-	rm -rf runs/corpus runs/sft-corpus-tts runs/sft-corpus-aqta runs/reward-corpus runs/ppo-corpus
-	$(BIN)/stepaudio train configs/corpus.yaml train.steps=100 train.eval_every=0
-	$(BIN)/stepaudio train configs/sft/corpus_tts.yaml checkpoint.init_from=runs/corpus
-	$(BIN)/stepaudio train configs/sft/corpus_aqta.yaml checkpoint.init_from=runs/corpus
-	$(BIN)/stepaudio train configs/reward/corpus.yaml checkpoint.init_from=runs/sft-corpus-aqta
-	$(BIN)/stepaudio train configs/ppo/corpus.yaml
-
 bench: $(STAMP)
 	$(CPU_ONLY) $(BIN)/python benchmarks/train_step.py configs/bench.yaml
 	$(CPU_ONLY) $(BIN)/python benchmarks/train_step.py configs/bench.yaml model.position_encoding=rope
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
+
+# The speech decoder at toy size on the corpus (issue 13; about an hour on 2 busy cores):
+# paired audio, flow and vocoder training, a TTS LM, the held-out evidence, one synthesis.
+.PHONY: speech
+speech: $(STAMP)
+	$(BIN)/python -m data_pipelines.build_speech_pairs --out runs/speech_data
+	$(CPU_ONLY) $(BIN)/stepaudio train configs/speech/flow_corpus.yaml
+	$(CPU_ONLY) $(BIN)/stepaudio train configs/speech/vocoder_corpus.yaml
+	$(CPU_ONLY) $(BIN)/stepaudio train configs/speech/tts_lm_tiny.yaml
+	$(CPU_ONLY) $(BIN)/python -m stepaudio_jax.experiments.speech_evidence --flow runs/speech/flow \
+	  --vocoder runs/speech/vocoder --pairs runs/speech_data/eval.safetensors \
+	  --out runs/speech/flow/evidence
+	$(CPU_ONLY) $(BIN)/stepaudio synthesize "(English) three plus four is seven." \
+	  --lm runs/speech/tts-lm --flow runs/speech/flow --vocoder runs/speech/vocoder \
+	  --out runs/speech/synth.wav

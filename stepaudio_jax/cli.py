@@ -15,7 +15,7 @@ from stepaudio_jax.launch import (
 )
 
 # Commands that may run as one process of a multi-process job (every process runs the same one).
-DISTRIBUTED_COMMANDS = ("train", "export", "score", "aot")
+DISTRIBUTED_COMMANDS = ("train", "export", "score", "compile", "aot")  # aot = compile
 
 
 def _train(args) -> int:
@@ -37,19 +37,48 @@ def _show_config(args) -> int:
   return 0
 
 
-def _aot(args) -> int:
+def _compile(args) -> int:
   from stepaudio_jax.config import load_config
-  from stepaudio_jax.training.aot import compile_train_step
+  from stepaudio_jax.training.aot import compile_train_step, estimate_step_time
 
   cfg = load_config(args.config, args.overrides)
   report, _ = compile_train_step(cfg, args.topology, args.num_slices)
   gib = 1 << 30
-  print(f"{args.config} on {report.topology} ({report.chips} chips, mesh {report.mesh})")
-  print(f"  compiled bytes per chip  {report.bytes_per_chip / gib:8.2f} GiB "
-        f"(HBM {report.hbm_per_chip / gib:.0f} GiB: {'fits' if report.fits else 'DOES NOT FIT'})")
-  print(f"  analytic estimate        {report.analytic_bytes_per_chip / gib:8.2f} GiB")
-  print(f"  model FLOPs per step     {report.step_flops:.3e}")
-  return 0 if report.fits else 1
+  mesh = " x ".join(f"{k} {v}" for k, v in report.mesh.items())
+  print(f"{args.config} on {report.topology}: {report.chips} chips, mesh {mesh}")
+  print(f"  HBM per chip      {report.bytes_per_chip / gib:7.2f} GiB of "
+        f"{report.hbm_per_chip / gib:.0f} GiB: {'fits' if report.fits else 'DOES NOT FIT'} "
+        f"(analytic estimate {report.analytic_bytes_per_chip / gib:.2f} GiB)")
+  if not report.fits:
+    print(f"stepaudio compile: error: {report.bytes_per_chip / gib:.2f} GiB per chip exceed the "
+          f"{report.hbm_per_chip / gib:.0f} GiB of HBM; lower the rows per chip "
+          "(train.batch_size / train.grad_accum_steps), remat more (model.remat) or shard more "
+          "(mesh.tensor)", file=sys.stderr)
+    return 1
+  if args.no_estimate:
+    return 0
+  est = estimate_step_time(cfg, args.topology, args.num_slices, tuple(args.depths))
+  print(f"  XLA FLOPs/step    {est.xla_flops:.3e} per chip")
+  if est.step_flops:  # tasks without an analytic count (flops_per_step 0) get no MFU
+    print(f"  model FLOPs/step  {est.step_flops:.3e} (analytic, no remat recompute; XLA counts "
+          f"{est.xla_to_model:.2f}x)")
+    print(f"  XLA step time     {est.seconds:7.2f} s: {est.mfu:.1%} MFU at "
+          f"{est.peak_flops / 1e12:.0f} TFLOP/s per chip, {est.tokens_per_second:,.0f} tokens/s")
+    if est.xla_to_model < 1:
+      print("  WARNING: XLA counts fewer FLOPs than the model needs, so its cost model misses part "
+            "of this program (a loop body counted once, or a kernel's declared cost): this MFU "
+            "is too high")
+  else:
+    print(f"  XLA step time     {est.seconds:7.2f} s (the task reports no model FLOPs: no MFU)")
+  if est.loops:
+    print(f"  note: {est.loops} while loops remain in the costed program, each body counted once "
+          "(the image encoder's layer scan, a task's own scans, XLA's collective matmuls)")
+  if est.depths:
+    print(f"  (XLA's cost analysis counts a scanned layer once: the step was compiled unrolled "
+          f"at {est.depths[0]} and {est.depths[1]} layers and extrapolated linearly to "
+          f"{est.num_layers}" + (f", one microbatch x {est.microbatches}"
+                                 if est.microbatches > 1 else "") + ")")
+  return 0
 
 
 CHECK_TOKENS = [1, 5, 9, 200, 7, 3, 4, 12, 64, 301, 2, 11]  # all below any layout's text block
@@ -76,7 +105,8 @@ def _export(args) -> int:
       from stepaudio_jax.export.parity import check_export
 
       parity = check_export(args.checkpoint, args.out_dir, args.dtype, CHECK_TOKENS)
-      print(f"parity vs stepaudio score ({len(CHECK_TOKENS)} tokens, fp32): max |dlogit| "
+      print(f"parity of the {args.dtype} export in PyTorch vs stepaudio score "
+            f"({len(CHECK_TOKENS)} tokens, fp32 compute): max |dlogit| "
             f"{parity.max_logit_diff:.2e}, max per-token KL {parity.max_token_kl:.2e}: "
             f"{'ok' if parity.ok else 'MISMATCH'}")
       return 0 if parity.ok else 1
@@ -117,7 +147,7 @@ def _generate(args) -> int:
   import jax
   from flax import nnx
 
-  from stepaudio_jax.data.tokenizer import BYTE_OFFSET, SentencePieceTokenizer, make_tokenizer
+  from stepaudio_jax.data.tokenizer import make_tokenizer
   from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
   from stepaudio_jax.export.score import load_lm
   from stepaudio_jax.export.step1_layout import LM
@@ -170,22 +200,58 @@ def _generate(args) -> int:
       **dataclasses.asdict(sampling), "seed": args.seed,
   }
   if args.prompt is not None:  # ids outside the text vocabulary (audio codes, EOS) are left out
-    text_ids = [t for t in result["tokens"] if t != ids.eos_id]
-    if isinstance(tokenizer, SentencePieceTokenizer):
-      import sentencepiece
-
-      sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer.model_path)
-      result["text"] = sp.decode([t for t in text_ids if t < sp.get_piece_size()])
-    else:
-      result["text"] = bytes(t - BYTE_OFFSET for t in text_ids
-                             if 0 <= t - BYTE_OFFSET < 256).decode("utf-8", "replace")
-    print(args.prompt + result["text"])
+    new = [t for t in result["tokens"] if t != ids.eos_id]
+    result["text"] = tokenizer.decode(new)
+    print(tokenizer.decode(prompt[1:] + new))  # whole, so the pieces' spaces survive
   with open(args.out, "w") as f:
     json.dump(result, f)
   print(f"generated {n} tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s (prefill of "
         f"{len(prompt)} included, compile {compile_s:.1f} s not; "
         f"{'truncated' if result['truncated'] else 'stopped at EOS'}) -> {args.out}")
   return 0
+
+
+def _sweep(args) -> int:
+  import shlex
+
+  from stepaudio_jax.experiments.sweep import load_spec, run_sweep
+
+  return run_sweep(load_spec(args.spec), shlex.split(args.launcher), args.dry_run)
+
+
+def _report(args) -> int:
+  from stepaudio_jax.experiments.report import load_run, write_report
+
+  runs = [load_run(path) for path in args.run_dirs]
+  if args.asr_clips:
+    from stepaudio_jax.experiments.asr import cached_asr_cer
+
+    for r in runs:
+      if r.task in ("pretrain", "sft") and r.config.get("data.eval_shards.asr") and \
+          os.path.isdir(os.path.join(r.path, "checkpoints")):
+        r.asr = cached_asr_cer(r.path, args.asr_clips)
+  content = write_report(runs, args.out)
+  print(f"report of {len(runs)} runs -> {os.path.join(args.out, 'report.md')}; plots: "
+        f"{', '.join(os.path.join(args.out, p) for p in content['plots']) or 'none'}")
+  return 0
+
+
+def _add_experiment_commands(sub) -> None:
+  p = sub.add_parser("sweep", help="train every variant of a sweep spec, each in its own run "
+                                   "directory; rerun to resume (finished variants are skipped)")
+  p.add_argument("spec", help="sweep spec YAML (configs/ablations/*.sweep.yaml)")
+  p.add_argument("--dry-run", action="store_true", help="print each variant's command only")
+  p.add_argument("--launcher", default="",
+                 help="run each variant through this command instead of `stepaudio train`, "
+                      "e.g. \"sbatch launch/slurm_gpu.sbatch\" (it gets CONFIG key=value ...)")
+  p.set_defaults(fn=_sweep)
+  p = sub.add_parser("report", help="compare runs: a markdown table, report.json and PNG plots")
+  p.add_argument("run_dirs", nargs="+", help="run directories (train.run_dir of each run)")
+  p.add_argument("--out", required=True, help="directory for report.md, report.json, plots")
+  p.add_argument("--asr-clips", type=int, default=0,
+                 help="also score ASR: greedy transcripts of this many held-out clips per "
+                      "pretraining or SFT run, CER by jiwer (0 = off)")
+  p.set_defaults(fn=_report)
 
 
 def _add_export_commands(sub) -> None:
@@ -238,6 +304,32 @@ def _add_generate_command(sub) -> None:
   p.set_defaults(fn=_generate)
 
 
+def _synthesize(args) -> int:
+  from stepaudio_jax.experiments.synthesize import synthesize
+
+  synthesize(args.lm, args.flow, args.vocoder, args.text, args.out, args.prompt_wav,
+             args.prompt_text, args.speaker, args.max_new_tokens, args.temperature, args.top_k,
+             args.seed)
+  return 0
+
+
+def _add_synthesize_command(sub) -> None:
+  p = sub.add_parser("synthesize", help="text -> TTS LM -> codes -> flow -> vocoder -> WAV")
+  p.add_argument("text", help='what to say, with optional leading tags: "(English)(slow 1) hi"')
+  p.add_argument("--lm", required=True, help="run directory of the TTS LM (task: sft)")
+  p.add_argument("--flow", required=True, help="run directory of the flow model (task: flow)")
+  p.add_argument("--vocoder", required=True, help="run directory of the vocoder (task: vocoder)")
+  p.add_argument("--out", required=True, help="output .wav")
+  p.add_argument("--prompt-wav", default="", help="voice prompt WAV (any rate, mono or stereo)")
+  p.add_argument("--prompt-text", default="", help="the voice prompt's transcript")
+  p.add_argument("--speaker", default="default", help="speaker name in the LM's system prompt")
+  p.add_argument("--max-new-tokens", type=int, default=400)
+  p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=50, help="0 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=_synthesize)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="stepaudio", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -247,16 +339,22 @@ def main(argv=None) -> int:
     p.add_argument("config", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     p.set_defaults(fn=fn)
-  p = sub.add_parser("aot", help="compile the train step for a TPU slice here; report memory")
+  p = sub.add_parser("compile", aliases=["aot"],
+                     help="compile the train step for a TPU slice here; report memory, time, MFU")
   p.add_argument("config", help="YAML config file (configs/...)")
   p.add_argument("--topology", default="v5p:8x8x8", help="TPU slice, e.g. v5p:8x8x8")
   p.add_argument("--num-slices", type=int, default=1)
+  p.add_argument("--depths", type=int, nargs=2, default=[1, 2], metavar=("LO", "HI"),
+                 help="layer counts of the unrolled compiles the time estimate extrapolates from")
+  p.add_argument("--no-estimate", action="store_true", help="memory only: skip the time estimate")
   p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=512")
-  p.set_defaults(fn=_aot)
+  p.set_defaults(fn=_compile)
   _add_export_commands(sub)
   _add_generate_command(sub)
-  for name in DISTRIBUTED_COMMANDS:
-    add_flags(sub.choices[name])
+  _add_experiment_commands(sub)
+  _add_synthesize_command(sub)
+  for p in dict.fromkeys(sub.choices[name] for name in DISTRIBUTED_COMMANDS):  # aliases share one
+    add_flags(p)
   args, extra = parser.parse_known_args(argv)
   if extra:  # argparse leaves `key=value` after an option (`import A B --config C k=v`) over
     if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
@@ -271,6 +369,7 @@ def main(argv=None) -> int:
   from stepaudio_jax.config import ConfigError
   from stepaudio_jax.data.records import RecordError, ShardError
   from stepaudio_jax.data.source import LoaderStateError
+  from stepaudio_jax.experiments.report import ReportError
   from stepaudio_jax.export.orbax_reader import ExportError
   from stepaudio_jax.training.checkpoint import CheckpointError
 
@@ -278,7 +377,7 @@ def main(argv=None) -> int:
   # thing and the fix); anything else is a bug and keeps its traceback. FloatingPointError is
   # a diverged run (hooks.check_finite); OSError an I/O failure such as a read-only directory.
   expected = (ConfigError, CheckpointError, ExportError, LaunchError, RecordError, ShardError,
-              LoaderStateError, FloatingPointError, OSError)
+              LoaderStateError, ReportError, FloatingPointError, OSError)
   try:
     if args.command in DISTRIBUTED_COMMANDS:  # before anything asks JAX for devices
       initialize_distributed({k: getattr(args, k) for k in LAUNCH_FLAGS})

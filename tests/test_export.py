@@ -206,5 +206,6 @@ def test_export_check_compares_with_pytorch(alibi_run, rope_run, tmp_path, capsy
   for name, run in (("alibi", alibi_run), ("rope", rope_run)):
     assert cli.main(["export", run, str(tmp_path / name), "--dtype", "float32", "--check"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("parity vs stepaudio score") and line.endswith(": ok"), line
+    assert line.startswith("parity of the float32 export in PyTorch vs stepaudio score") \
+        and line.endswith(": ok"), line
     assert float(line.split("max |dlogit| ")[1].split(",")[0]) < 1e-4

@@ -1,5 +1,5 @@
-"""Imports go one way: config <- parallel <- kernels <- models <- (inference, data) <- tasks <-
-training <- cli.
+"""Imports go one way: config <- (parallel <- kernels, audio) <- models <- (inference, data) <-
+tasks <- training <- experiments <- cli.
 
 Read from the source (every import statement, also inside functions), so a lazy upward import
 fails here too.
@@ -15,15 +15,20 @@ from tests.conftest import REPO
 PACKAGE = os.path.join(REPO, "stepaudio_jax")
 # package -> the stepaudio_jax packages it must not import
 FORBIDDEN = {
-    "config": ("parallel", "kernels", "models", "inference", "data", "tasks", "training",
-               "export", "cli", "launch"),
-    "parallel": ("kernels", "models", "inference", "data", "tasks", "training", "export", "cli"),
-    "kernels": ("models", "inference", "data", "tasks", "training", "export", "cli"),
-    "models": ("inference", "data", "tasks", "training", "export", "cli"),
-    "inference": ("data", "tasks", "training", "export", "cli"),
-    "data": ("inference", "tasks", "training", "export", "cli"),
-    "tasks": ("training", "export", "cli"),
-    "training": ("export", "cli"),
+    "config": ("parallel", "kernels", "audio", "models", "inference", "data", "tasks",
+               "training", "export", "experiments", "cli", "launch"),
+    "parallel": ("kernels", "audio", "models", "inference", "data", "tasks", "training",
+                 "export", "experiments", "cli"),
+    "kernels": ("audio", "models", "inference", "data", "tasks", "training", "export",
+                "experiments", "cli"),
+    "audio": ("parallel", "kernels", "models", "inference", "data", "tasks", "training",
+              "export", "experiments", "cli"),
+    "models": ("inference", "data", "tasks", "training", "export", "experiments", "cli"),
+    "inference": ("data", "tasks", "training", "export", "experiments", "cli"),
+    "data": ("inference", "tasks", "training", "export", "experiments", "cli"),
+    "tasks": ("training", "export", "experiments", "cli"),
+    "training": ("export", "experiments", "cli"),
+    "experiments": ("cli",),
 }
 
 

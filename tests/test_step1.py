@@ -83,7 +83,7 @@ def _loss_and_grads(cfg):
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"),
                                      dict(remat="save_dots"), dict(remat="save_qkv"),
-                                     dict(remat="save_attention")])
+                                     dict(remat="save_attention"), dict(remat="save_mlp")])
 def test_scan_and_remat_do_not_change_numbers(variant):
   l0, g0 = _loss_and_grads(TINY)
   l1, g1 = _loss_and_grads(dataclasses.replace(TINY, **variant))

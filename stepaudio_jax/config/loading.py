@@ -41,6 +41,7 @@ PATH_KEYS = {
     ("ppo", "prompts"): "list",
     ("ppo", "policy_from"): "path",
     ("ppo", "reward_from"): "path",
+    ("speech_data", "path"): "path",
 }
 
 
@@ -48,7 +49,9 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the key, where it was set and the fix."""
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+  """A YAML file's top-level mapping, loaded safely; a missing file, bad YAML or another top
+  level is a ConfigError naming the file."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
   with open(path) as f:
@@ -66,7 +69,7 @@ def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
   path = os.path.normpath(path)
   if path in seen:
     raise ConfigError(f"{path}: circular base chain {' -> '.join(seen + (path,))}")
-  data = _read_yaml(path)
+  data = read_yaml(path)
   _drop_retired(data, path)
   _resolve_paths(data, os.path.dirname(path))
   bases = data.pop(BASE_KEY, [])

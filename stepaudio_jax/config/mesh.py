@@ -34,11 +34,20 @@ def _default_rules() -> dict[str, list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape (-1 fills the remaining devices) and the logical-axis rules."""
+  """Mesh shape (-1 fills the remaining devices) and the logical-axis rules.
+
+  data, fsdp and tensor are whole axis sizes. On several slices (TPU multislice) or nodes,
+  dcn_data and dcn_fsdp say how many ways of that axis go across them over the data-center
+  network (DCN); the rest of each axis stays within a slice on ICI (parallel/mesh.py builds the
+  hybrid mesh). Their product must be the number of slices (or processes, where devices have
+  no slice index, as on GPU clusters); 1 and 1: the plain reshape of the device list.
+  """
 
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
+  dcn_data: int = 1  # ways of mesh.data across slices (the gradient all-reduce tolerates DCN)
+  dcn_fsdp: int = 1  # ways of mesh.fsdp across slices (its all-gathers are in every layer)
   rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
 
   def __post_init__(self):
@@ -48,6 +57,9 @@ class MeshConfig:
     for name, size in zip(MESH_AXES, sizes):
       if size == 0 or size < -1:
         raise ValueError(f"mesh.{name} must be a positive size or -1, got {size}")
+    if self.dcn_data < 1 or self.dcn_fsdp < 1:
+      raise ValueError(f"mesh.dcn_data and mesh.dcn_fsdp must be >= 1, got {self.dcn_data} "
+                       f"and {self.dcn_fsdp}")
     for logical, axes in self.rules.items():
       unknown = [a for a in axes if a not in MESH_AXES]
       if unknown:
@@ -72,3 +84,17 @@ class MeshConfig:
           "available; set one of mesh.data/fsdp/tensor to -1 or change the sizes"
       )
     return sizes
+
+  @property
+  def dcn_ways(self) -> int:
+    return self.dcn_data * self.dcn_fsdp
+
+  def split(self, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(per-slice ICI shape, DCN shape) over MESH_AXES for num_devices in dcn_ways slices."""
+    sizes = self.shape(num_devices)
+    dcn = (self.dcn_data, self.dcn_fsdp, 1)
+    for name, ways in zip(MESH_AXES, dcn):
+      if sizes[name] % ways:
+        raise ValueError(f"mesh.dcn_{name}={ways} does not divide mesh.{name}={sizes[name]}: "
+                         f"the axis is split into {ways} slices of mesh.{name}/{ways} devices")
+    return tuple(sizes[a] // w for a, w in zip(MESH_AXES, dcn)), dcn

@@ -5,6 +5,7 @@ import dataclasses
 from stepaudio_jax.config.data import DataConfig, DataSource, SyntheticConfig
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.config.model import Step1Config, TokenLayout, VisionConfig
+from stepaudio_jax.config.speech import FlowConfig, MelConfig, SpeechDataConfig, VocoderConfig
 from stepaudio_jax.config.tasks import PPOConfig, PretrainConfig, RewardConfig
 from stepaudio_jax.config.training import CheckpointConfig, OptimizerConfig, TrainConfig
 
@@ -17,6 +18,8 @@ TASK_REGISTRY = {
     "sft": "stepaudio_jax.tasks.sft:SFTTask",  # TTS / AQTA / ASR fine-tuning on chat records
     "reward": "stepaudio_jax.tasks.reward:RewardTask",  # Bradley-Terry reward model
     "ppo": "stepaudio_jax.tasks.ppo:PPOTask",  # PPO with a critic against the reward model
+    "flow": "stepaudio_jax.tasks.flow:FlowTask",  # codes -> mel, conditional flow matching
+    "vocoder": "stepaudio_jax.tasks.vocoder:VocoderTask",  # mel -> waveform, HiFi-GAN
 }
 
 
@@ -35,6 +38,10 @@ class RunConfig:
   pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
   reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
   ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+  mel: MelConfig = dataclasses.field(default_factory=MelConfig)
+  speech_data: SpeechDataConfig = dataclasses.field(default_factory=SpeechDataConfig)
+  flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)
+  vocoder: VocoderConfig = dataclasses.field(default_factory=VocoderConfig)
 
   def __post_init__(self):
     if self.task not in TASK_REGISTRY:

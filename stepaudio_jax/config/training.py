@@ -62,6 +62,10 @@ class TrainConfig:
   # Longest the final checkpoint may take after the last step or a preemption before the
   # process gives up with exit status 3 (a dead peer, a hung filesystem); 0 = no limit.
   shutdown_timeout: float = 900.0
+  # Seconds without a completed step (or a finished compile) before the run dumps every
+  # thread's stack to stderr and RUN_DIR/hang_stacks.txt and exits with status 4 (a hung
+  # collective or device); above the longest compile, eval and checkpoint save. 0 = off.
+  hang_timeout: float = 0.0
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every",
@@ -73,6 +77,8 @@ class TrainConfig:
     if self.eval_every < 0 or self.peak_flops_per_device < 0 or self.shutdown_timeout < 0:
       raise ValueError("eval_every, peak_flops_per_device and shutdown_timeout must be >= 0 "
                        "(0 = off / auto / no limit)")
+    if self.hang_timeout < 0:
+      raise ValueError(f"hang_timeout must be >= 0 (0 = off), got {self.hang_timeout}")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(
           f"batch_size={self.batch_size} is not divisible by grad_accum_steps="

@@ -44,8 +44,7 @@ from stepaudio_jax.data.packing import pack_row, truncate
 from stepaudio_jax.data.records import RecordError, ShardError, decode_checked
 from stepaudio_jax.data.seqio_source import SeqioTextSource
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, process_rows
-from stepaudio_jax.data.templates import Segment, TemplateContext, render
-from stepaudio_jax.data.tokenizer import make_tokenizer
+from stepaudio_jax.data.templates import Segment, TemplateContext, render, template_context
 
 log = logging.getLogger(__name__)
 SAMPLE_RECORDS = 256  # records per task whose lengths the start-up share check packs
@@ -264,8 +263,7 @@ class GrainLoader(BatchSource):
     schedule = StageSchedule(data.stages, global_batch * seq_len)
     if not vision.enabled and any(w["image_text"] > 0 for w in schedule.weights):
       raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
-    ctx = TemplateContext(layout, vision, make_tokenizer(data.tokenizer_model, layout),
-                          data.codebooks, data.asr_prompt, data.tts_prompt, data.aqta_prompt)
+    ctx = template_context(data, layout, vision)
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
     shards = data.eval_shards if held_out else data.shards
     workers = 0 if held_out else data.workers

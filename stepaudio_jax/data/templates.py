@@ -23,10 +23,11 @@ import dataclasses
 import numpy as np
 from jaxtyping import Float, Int
 
+from stepaudio_jax.config.data import DataConfig
 from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.interleave import interleave
 from stepaudio_jax.data.records import Example, task_of
-from stepaudio_jax.data.tokenizer import Tokenizer
+from stepaudio_jax.data.tokenizer import Tokenizer, make_tokenizer
 from stepaudio_jax.models.tokens import TokenType
 
 # Metadata keys whose values become TTS instruction tags, in this order, e.g. "(happy 1)", when
@@ -55,6 +56,13 @@ class TemplateContext:
   asr_prompt: str = "Transcribe the speech."
   tts_prompt: str = "Speaker {speaker}; tags: emotion, language, dialect, style, speed."
   aqta_prompt: str = "You are a helpful voice assistant. Answer the user in text."
+
+
+def template_context(data: DataConfig, layout: TokenLayout, vision: VisionConfig
+                     ) -> TemplateContext:
+  """The formats a run's data section configures (tokenizer, codebooks, system prompts)."""
+  return TemplateContext(layout, vision, make_tokenizer(data.tokenizer_model, layout),
+                         data.codebooks, data.asr_prompt, data.tts_prompt, data.aqta_prompt)
 
 
 class _Builder:
@@ -154,6 +162,18 @@ def dialogue_prompt(ctx: TemplateContext, history: list[np.ndarray], question_te
     b.turn("human", lambda: b.audio(*question_audio, learn=False), learn_body=False)
   else:
     b.turn("human", lambda: b.add(question_text, TokenType.PAD), learn_body=False)
+  b.add([ctx.layout.bot_id], TokenType.PAD)
+  b.text("assistant\n")
+  return np.concatenate(b.ids).astype(np.int32)
+
+
+def asr_prompt(ctx: TemplateContext, linguistic: np.ndarray, semantic: np.ndarray) -> np.ndarray:
+  """The ids before an ASR transcript (as `render` writes an asr example): <bos>, the system
+  turn, the spoken turn and the assistant turn's opening; greedy decoding from here to the
+  turn's end is the model's transcript."""
+  b = _Builder(ctx)
+  b.turn("system", lambda: b.text(ctx.asr_prompt), learn_body=False)
+  b.turn("human", lambda: b.audio(linguistic, semantic, learn=False), learn_body=False)
   b.add([ctx.layout.bot_id], TokenType.PAD)
   b.text("assistant\n")
   return np.concatenate(b.ids).astype(np.int32)

@@ -15,6 +15,8 @@ BYTE_OFFSET = 16  # ids below this are reserved for special tokens (pad, bos, eo
 class Tokenizer(Protocol):
   def encode(self, text: str) -> list[int]: ...
 
+  def decode(self, ids: list[int]) -> str: ...
+
 
 class ByteTokenizer:
   """UTF-8 byte b -> id BYTE_OFFSET + b."""
@@ -26,6 +28,11 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [BYTE_OFFSET + b for b in text.encode("utf-8")]
+
+  def decode(self, ids: list[int]) -> str:
+    """Text of the byte ids; other ids (specials, audio codes) are left out."""
+    return bytes(t - BYTE_OFFSET for t in ids if 0 <= t - BYTE_OFFSET < 256).decode(
+        "utf-8", "replace")
 
 
 class SentencePieceTokenizer:
@@ -51,6 +58,10 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text))
+
+  def decode(self, ids: list[int]) -> str:
+    """Text of the piece ids; ids past the model's pieces (audio codes) are left out."""
+    return self._sp.decode([t for t in ids if 0 <= t < self._sp.get_piece_size()])
 
 
 def make_tokenizer(model_path: str, layout: TokenLayout) -> Tokenizer:

@@ -7,9 +7,10 @@ auto: pallas on TPU, xla on GPU and CPU. The Triton kernels lower for CUDA (test
 host) but have never run on a GPU, so nothing picks them unless asked by name; interpret mode
 on CPU is for tests, not speed.
 
-Queries against a KV cache (kv_segment_ids and kv_positions given) always run the xla path,
-whatever the implementation: the flash kernels are self-attention only (a decode kernel is
-future work).
+Queries against a KV cache (kv_segment_ids and kv_positions given): pallas runs the decode
+kernels (decode_tpu.py, decode_gpu.py; one key pass per kv head for all its query heads and new
+positions, reading only the first kv_length slots), so auto picks them on TPU; xla and cudnn
+run the xla path.
 """
 
 import chex
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from stepaudio_jax.kernels import alibi_flash_gpu, alibi_flash_tpu, sharded
+from stepaudio_jax.kernels import (alibi_flash_gpu, alibi_flash_tpu, decode_gpu, decode_tpu,
+                                   sharded)
 from stepaudio_jax.kernels.alibi import alibi_slopes
 from stepaudio_jax.kernels.dense_bias import dense_bias_attention
 from stepaudio_jax.kernels.layout import BlockSizes, default_segments
@@ -59,6 +61,24 @@ def _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, b
   return sharded.over_batch_and_heads(kernel, shard, q, k, v, slopes, segment_ids, positions)
 
 
+def _pallas_decode(q, k, v, q_seg, q_pos, kv_seg, kv_pos, kv_length, bias, causal, shard,
+                   backend):
+  module = decode_gpu if backend == "gpu" else decode_tpu
+  length = jnp.asarray(k.shape[1] if kv_length is None else kv_length, jnp.int32)
+
+  def kernel(q, k, v, slopes, q_seg, q_pos, kv_seg, kv_pos, length):
+    return module.decode_attention(
+        q, k, v, slopes, q_segment_ids=q_seg, q_positions=q_pos, kv_segment_ids=kv_seg,
+        kv_positions=kv_pos, kv_length=length, bias=bias, causal=causal,
+        interpret=backend not in ("tpu", "gpu"))
+
+  slopes = jnp.asarray(alibi_slopes(q.shape[2]))
+  if shard is None:
+    return kernel(q, k, v, slopes, q_seg, q_pos, kv_seg, kv_pos, length)
+  return sharded.decode_over_batch_and_heads(kernel, shard, q, k, v, slopes, q_seg, q_pos,
+                                             kv_seg, kv_pos, length)
+
+
 def attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -68,6 +88,7 @@ def attention(
     q_positions: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     kv_positions: Int[Array, "B S"] | None = None,
+    kv_length: Int[Array, ""] | None = None,
     bias: str = "alibi_sqrt",
     causal: bool = True,
     implementation: str = "xla",
@@ -83,7 +104,10 @@ def attention(
   positions, causality is by index; every implementation runs it. Against a KV cache (kv
   segment ids and positions both given): key s is visible to query t iff they share a segment
   and kv_positions[s] <= q_positions[t], the bias distance is q_positions[t] - kv_positions[s];
-  this runs on the xla path whatever `implementation` names (pallas and cudnn fall back).
+  pallas runs the decode kernel there, cudnn falls back to xla. kv_length (optional): slots
+  0..kv_length-1 are the filled ones; the decode kernel reads no further, treating later slots
+  as empty (the KV cache marks them segment 0, which only left-pad queries, whose outputs no
+  real token reads, could see); the xla path reads every slot.
   shard (the model's LogicalSharding) lets the pallas kernels run per device on batch- and
   head-sharded activations; block_sizes overrides the per-backend kernel tiles.
   """
@@ -107,8 +131,11 @@ def attention(
                      f"{q.shape[1]}; pass kv_segment_ids and kv_positions for a KV cache")
   # The mesh's devices say where the program runs (an AOT compile for TPU runs on a CPU host).
   backend = shard.mesh.devices.flat[0].platform if shard is not None else jax.default_backend()
-  impl = "xla" if cached else resolve(implementation, backend)
+  impl = "xla" if cached and implementation == "cudnn" else resolve(implementation, backend)
   q_segment_ids, q_positions = default_segments(q_segment_ids, q_positions, q.shape[:2])
+  if cached and impl == "pallas":
+    return _pallas_decode(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
+                          kv_length, bias, causal, shard, backend)
   if impl == "xla":
     query_block = block_sizes.block_q if block_sizes else XLA_QUERY_BLOCK
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, q_positions=q_positions,

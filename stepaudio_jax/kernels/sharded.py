@@ -1,4 +1,4 @@
-"""Run a per-device attention kernel inside the model's sharding: shard_map over batch and heads.
+"""Run a per-device attention kernel (flash or decode) inside the model's sharding: shard_map over batch and heads.
 
 pallas_call cannot be partitioned by XLA, so each device runs the kernel on its own batch rows
 and heads. Contiguous GQA groups survive head sharding when query and kv heads are split the
@@ -41,3 +41,32 @@ def over_batch_and_heads(
       in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[2]), side, side),
       out_specs=q_spec, check_vma=False,
   )(q, k, v, slopes, segment_ids, positions)
+
+
+def decode_over_batch_and_heads(
+    kernel: Callable,
+    shard: LogicalSharding,
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    slopes: Float[Array, "N"],
+    q_segment_ids: Int[Array, "B T"],
+    q_positions: Int[Array, "B T"],
+    kv_segment_ids: Int[Array, "B S"],
+    kv_positions: Int[Array, "B S"],
+    kv_length: Int[Array, ""],
+) -> Float[Array, "B T N H"]:
+  """kernel(q, k, v, slopes, q seg, q pos, kv seg, kv pos, kv_length) per device, with the KV
+  cache sharded as KVCache.logical_axes (batch and kv heads; the slots whole)."""
+  q_spec = shard.spec(("act_batch", None, "act_heads", None))
+  kv_spec = shard.spec(("act_batch", None, "act_kv_heads", None))
+  if q_spec[2] != kv_spec[2] or k.shape[2] % shard.ways(kv_spec[2]):
+    raise ValueError(
+        f"pallas decode attention shards query and kv heads the same way, but {k.shape[2]} kv "
+        f"heads and rules act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+  side = P(q_spec[0], None)
+  return jax.shard_map(
+      kernel, mesh=shard.mesh,
+      in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[2]), side, side, side, side, P()),
+      out_specs=q_spec, check_vma=False,
+  )(q, k, v, slopes, q_segment_ids, q_positions, kv_segment_ids, kv_positions, kv_length)

@@ -23,6 +23,7 @@ def remat_policy(remat: Remat) -> Callable | None:
       Remat.SAVE_DOTS: cp.dots_with_no_batch_dims_saveable,
       Remat.SAVE_QKV: cp.save_only_these_names("query", "key", "value"),
       Remat.SAVE_ATTENTION: cp.save_only_these_names("attention_context"),
+      Remat.SAVE_MLP: cp.save_only_these_names("mlp_gate", "mlp_up", "attention_residual"),
   }.get(Remat(remat))
 
 

@@ -93,21 +93,26 @@ class Block(nnx.Module):
     else:
       bias = "alibi_sqrt"
     k_BSKH, v_BSKH, kv_segment_ids, kv_positions = k_BTKH, v_BTKH, None, None  # S = T
+    kv_length = None
     if cache is not None:
       cache = cache.write_layer(k_BTKH, v_BTKH)
       k_BSKH, v_BSKH = cache.keys, cache.values
       kv_segment_ids, kv_positions = cache.segment_ids, cache.positions
+      kv_length = cache.index + x_BTD.shape[1]  # the filled slots, these tokens' included
     ctx_BTNH = kernels.attention(
         q_BTNH, k_BSKH, v_BSKH, q_segment_ids=segment_ids, q_positions=positions,
-        kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, bias=bias, causal=True,
+        kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, kv_length=kv_length,
+        bias=bias, causal=True,
         implementation=cfg.attention.value, shard=self.shard,
     )
     ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", ctx_BTNH, self.wo[...].astype(cd))
+    x_BTD = checkpoint_name(x_BTD, "attention_residual")
 
     h = self.post_attention_norm(x_BTD)
-    gate_BTF = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(cd))
-    up_BTF = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(cd))
+    gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(cd)),
+                               "mlp_gate")
+    up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h, self.w_up[...].astype(cd)), "mlp_up")
     act_BTF = self._constrain(jax.nn.silu(gate_BTF) * up_BTF,
                               ("act_batch", "act_length", "act_mlp"))
     x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, self.w_down[...].astype(cd))

@@ -12,16 +12,36 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.mesh import MESH_AXES, MeshConfig
 
 
+def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
+  """(number of slices, or of processes where devices carry no slice index; which it is)."""
+  if all(getattr(d, "slice_index", None) is not None for d in devices):
+    return len({d.slice_index for d in devices}), False
+  return len({d.process_index for d in devices}), True
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh. With mesh.dcn_* > 1 a hybrid mesh: each slice (or process)
+  holds a contiguous ICI block of every axis, and the dcn ways of data and fsdp step across
+  slices; otherwise the device list reshaped in order."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = cfg.shape(len(devices))
-  grid = np.asarray(devices).reshape(tuple(sizes.values()))
+  if cfg.dcn_ways == 1:
+    grid = np.asarray(devices).reshape(tuple(cfg.shape(len(devices)).values()))
+  else:
+    ici, dcn = cfg.split(len(devices))
+    granules, by_process = _granules(devices)
+    if granules != cfg.dcn_ways:
+      unit = "processes" if by_process else "slices"
+      raise ConfigError(
+          f"mesh.dcn_data x mesh.dcn_fsdp = {cfg.dcn_ways} must equal the number of {unit}, "
+          f"which is {granules}")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

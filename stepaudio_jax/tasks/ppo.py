@@ -32,13 +32,13 @@ from flax import nnx
 from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.tasks import KLEstimator
 from stepaudio_jax.data.pairs import PromptSource
+from stepaudio_jax.data.templates import template_context
 from stepaudio_jax.data.source import BatchSource
 from stepaudio_jax.inference.decode import Prompts
 from stepaudio_jax.inference.sampler import SamplingConfig, sample, sequences, token_logprobs
 from stepaudio_jax.models.reward import RewardModel
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
-from stepaudio_jax.tasks.reward import template_context
 
 EVAL_METRICS = "eval_metrics.json"  # where the reward model run keeps its score mean and std
 
@@ -121,7 +121,7 @@ class PPOTask(Task):
   @property
   def ctx(self):
     if self._ctx is None:
-      self._ctx = template_context(self.cfg)
+      self._ctx = template_context(self.cfg.data, self.cfg.tokens, self.cfg.vision)
     return self._ctx
 
   def models(self):

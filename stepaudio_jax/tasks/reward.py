@@ -21,19 +21,12 @@ import numpy as np
 from stepaudio_jax.config import ConfigError
 from stepaudio_jax.data.pairs import PAIR_SIDES, PairSource, PairStage
 from stepaudio_jax.data.source import BatchSource
-from stepaudio_jax.data.templates import TemplateContext
-from stepaudio_jax.data.tokenizer import make_tokenizer
+from stepaudio_jax.data.templates import TemplateContext, template_context
 from stepaudio_jax.models import flops
 from stepaudio_jax.models.reward import RewardModel, last_token_index, score_at
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
 
 ROW = ("act_batch", "act_length")
-
-
-def template_context(cfg) -> TemplateContext:
-  d = cfg.data
-  return TemplateContext(cfg.tokens, cfg.vision, make_tokenizer(d.tokenizer_model, cfg.tokens),
-                         d.codebooks, d.asr_prompt, d.tts_prompt, d.aqta_prompt)
 
 
 def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array) -> jax.Array:
@@ -53,7 +46,7 @@ class RewardTask(Task):
   @property
   def ctx(self) -> TemplateContext:
     if self._ctx is None:
-      self._ctx = template_context(self.cfg)
+      self._ctx = template_context(self.cfg.data, self.cfg.tokens, self.cfg.vision)
     return self._ctx
 
   def models(self):

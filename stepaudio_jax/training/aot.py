@@ -1,20 +1,43 @@
 """Compile the train step ahead of time for a TPU topology, on any host (libtpu, no chips).
 
-This answers "does this config fit, and how fast could it be?" before paying for hardware:
-`memory_analysis()` gives the per-chip bytes of the sharded step; `cost_analysis()` gives XLA's
-FLOP and time estimate (for a scanned model it covers one layer's body once; see facts.md 6).
+This answers "does this config fit, and how fast could it be?" before paying for hardware.
+Memory: `memory_analysis()` of the step exactly as configured (right for scanned layers).
+Time: XLA's cost model (`cost_analysis()`: flops and `optimal_seconds`) counts the body of a
+scan once (facts.md 6), so a scanned model's figures cover one layer and one microbatch. The
+estimate therefore compiles the same step unrolled (scan off) at two small depths with one
+microbatch of the configured size, extrapolates linearly to the real depth and multiplies by
+the number of microbatches (the optimizer update, counted once per microbatch that way, is a
+few milliseconds of memory traffic: the estimate errs slow by that much).
 """
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
+import jax
 import numpy as np
 
-from stepaudio_jax.config import RunConfig
+from stepaudio_jax.config import ConfigError, RunConfig
 from stepaudio_jax.models import flops as flops_lib
 from stepaudio_jax.training.setup import setup
 
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int
+  peak_flops: float  # bf16 dense matmul, per chip
+
+
+CHIPS = {  # by the generation prefix of a topology name ("v5p:8x8x8")
+    "v4": Chip(32 << 30, 275e12),
+    "v5e": Chip(16 << 30, 197e12),
+    "v5p": Chip(95 << 30, 459e12),
+    "v6e": Chip(32 << 30, 918e12),
+}
+
+
+class DoesNotFit(ConfigError):
+  """The step needs more HBM per chip than the topology has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,16 +48,57 @@ class AotReport:
   bytes_per_chip: int
   hbm_per_chip: int
   analytic_bytes_per_chip: float
-  xla_flops: float
-  step_flops: float
+  xla_flops: float  # of the compiled program as XLA counts it (one scan body once)
+  step_flops: float  # analytic model FLOPs of one step (no remat recompute)
+  tokens_per_step: float
 
   @property
   def fits(self) -> bool:
     return self.bytes_per_chip <= self.hbm_per_chip
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTimeEstimate:
+  """XLA's whole-step figures, from unrolled compiles at `depths` (None: as configured)."""
+
+  depths: tuple[int, int] | None
+  num_layers: int
+  microbatches: int
+  xla_flops: float  # per chip: XLA costs the per-device program
+  seconds: float
+  step_flops: float
+  tokens_per_step: float
+  chips: int
+  peak_flops: float
+  # while loops left in the costed program (e.g. XLA's collective-matmul loops): each body is
+  # counted once, so with any the estimate is too fast
+  loops: int = 0
+
+  @property
+  def mfu(self) -> float:
+    return self.step_flops / (self.seconds * self.chips * self.peak_flops)
+
+  @property
+  def xla_to_model(self) -> float:
+    """XLA's FLOPs over the model's: >= 1 (remat recompute) unless XLA misses some work."""
+    return self.xla_flops * self.chips / self.step_flops
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.tokens_per_step / self.seconds
+
+
+def chip(topology: str) -> Chip:
+  generation = topology.split(":")[0]
+  if generation not in CHIPS:
+    raise ConfigError(f"topology {topology!r}: unknown TPU generation {generation!r}; "
+                      f"known: {sorted(CHIPS)} (e.g. v5p:8x8x8)")
+  return CHIPS[generation]
+
+
 def tpu_devices(topology: str, num_slices: int = 1) -> list:
   """Device descriptions of a TPU slice such as 'v5p:8x8x8' (4 chips per host)."""
+  chip(topology)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling touches no chip
   from jax.experimental import topologies
 
@@ -44,28 +108,94 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   return list(topo.devices)
 
 
+def _compile(cfg: RunConfig, devices: Sequence) -> tuple[object, object]:
+  """(setup, compiled train step); an HBM overflow becomes DoesNotFit with what to change."""
+  run = setup(cfg, devices)
+  try:
+    return run, run.train.lower(run.abstract_state, run.batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(
+        f"the train step does not fit in HBM on {len(devices)} chips: {str(e).splitlines()[0]}; "
+        "lower the rows per chip (train.batch_size / train.grad_accum_steps), remat more "
+        "(model.remat=full) or shard more (mesh.tensor)") from e
+
+
+def _cost(compiled) -> tuple[float, float, int]:
+  """(flops, optimal_seconds, while loops in the program) of the per-device program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (float(cost.get("flops", np.nan)), float(cost.get("optimal_seconds", np.nan)),
+          compiled.as_text().count(" while("))
+
+
 def compile_train_step(cfg: RunConfig, topology: str, num_slices: int = 1
                        ) -> tuple[AotReport, object]:
   """(report, compiled executable) for cfg's train step on the given TPU slice."""
   devices = tpu_devices(topology, num_slices)
-  run = setup(cfg, devices)
-  mesh, tc = run.mesh, cfg.train
-  compiled = run.train.lower(run.abstract_state, run.batch).compile()
+  run, compiled = _compile(cfg, devices)
   mem = compiled.memory_analysis()
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  generation = topology.split(":")[0]
-  chips = len(devices)
-  micro = tc.batch_size // tc.grad_accum_steps
+  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
   return AotReport(
       topology=topology,
-      chips=chips,
-      mesh={k: int(v) for k, v in mesh.shape.items()},
+      chips=len(devices),
+      mesh={k: int(v) for k, v in run.mesh.shape.items()},
       bytes_per_chip=int(used),
-      hbm_per_chip=HBM_BYTES.get(generation, 0),
-      analytic_bytes_per_chip=flops_lib.train_memory_estimate(cfg, micro, chips).total,
-      xla_flops=float(cost.get("flops", np.nan)),
+      hbm_per_chip=chip(topology).hbm_bytes,
+      analytic_bytes_per_chip=flops_lib.train_memory_estimate(cfg, micro, len(devices)).total,
+      xla_flops=_cost(compiled)[0],
       step_flops=run.task.flops_per_step(),
+      tokens_per_step=run.task.tokens_per_step(),
   ), compiled
+
+
+def _at_depth(cfg: RunConfig, num_layers: int) -> RunConfig:
+  """One microbatch of cfg's step, its layers unrolled, at another depth."""
+  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+  return dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers, scan_layers=False),
+      train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum_steps=1))
+
+
+def estimate_step_time(cfg: RunConfig, topology: str, num_slices: int = 1,
+                       depths: tuple[int, int] = (1, 2)) -> StepTimeEstimate:
+  """XLA's estimated step time; a scanned model is compiled unrolled at two depths and the
+  figures extrapolated linearly to model.num_layers (a scanned layer is counted once)."""
+  devices = tpu_devices(topology, num_slices)
+  n_layers, accum = cfg.model.num_layers, cfg.train.grad_accum_steps
+  if not cfg.model.scan_layers and accum == 1:
+    run, compiled = _compile(cfg, devices)
+    flops, seconds, loops = _cost(compiled)
+    used = None
+  else:
+    lo, hi = depths
+    if not 0 < lo < hi:
+      raise ConfigError(f"estimate depths must be 0 < lo < hi, got {depths}")
+    (f_lo, s_lo, _), (f_hi, s_hi, loops) = (_cost(_compile(_at_depth(cfg, d), devices)[1])
+                                             for d in depths)
+    scale = (n_layers - lo) / (hi - lo)
+    flops = accum * (f_lo + (f_hi - f_lo) * scale)
+    seconds = accum * (s_lo + (s_hi - s_lo) * scale)
+    used = (lo, hi)
+    run = setup(cfg, devices)
+  if not seconds > 0:
+    raise RuntimeError("XLA's cost analysis gave no optimal_seconds for this program")
+  return StepTimeEstimate(
+      depths=used, num_layers=n_layers, microbatches=accum, xla_flops=flops, seconds=seconds,
+      step_flops=run.task.flops_per_step(), tokens_per_step=run.task.tokens_per_step(),
+      chips=len(devices), peak_flops=chip(topology).peak_flops, loops=loops)
+
+
+def parameter_shardings(cfg: RunConfig, devices: Sequence) -> dict[str, str]:
+  """'params|frozen/<model>/<path> [shape] dtype' -> PartitionSpec of every parameter on
+  `devices`, from abstract shapes (nothing compiled): the table a golden test pins."""
+  state = setup(cfg, devices).abstract_state
+  out = {}
+  for kind, tree in (("params", state.params), ("frozen", state.frozen)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      out[f"{kind}/{name} {list(leaf.shape)} {leaf.dtype}"] = str(leaf.sharding.spec)
+  return out

@@ -14,10 +14,12 @@ directly under params/frozen/opt_state; they restore as the model `model` of a o
 (pretraining), so old runs resume, export and init_from as they are.
 """
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +60,23 @@ def _bits_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
 
+@functools.lru_cache(maxsize=8)
+def _bits_sums(shardings: tuple) -> Callable[[list[jax.Array]], list[jax.Array]]:
+  """One program for every array of a state (a program per array compiles dozens of times at
+  the first save); kept per output shardings, so later saves reuse it."""
+  return jax.jit(lambda xs: [_bits_sum(x) for x in xs], out_shardings=list(shardings))
+
+
 def checksums(state) -> dict[str, int]:
   """Per array of `state` (a tree of jax.Arrays), the uint32 sum of its bits; the same for any
   sharding and process count (integer sums are exact), read from this process's replica."""
-  out = {}
-  for path, x in jax.tree_util.tree_leaves_with_path(state):
-    sharding = x.sharding
-    replicated = (NamedSharding(sharding.mesh, PartitionSpec())
-                  if isinstance(sharding, NamedSharding) else None)
-    total = jax.jit(_bits_sum, out_shardings=replicated)(x)
-    out[jax.tree_util.keystr(path, simple=True, separator="/")] = int(
-        np.asarray(total.addressable_shards[0].data))
-  return out
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  shardings = tuple(NamedSharding(x.sharding.mesh, PartitionSpec())
+                    if isinstance(x.sharding, NamedSharding) else None for _, x in leaves)
+  totals = _bits_sums(shardings)([x for _, x in leaves])
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          int(np.asarray(total.addressable_shards[0].data))
+          for (path, _), total in zip(leaves, totals)}
 
 
 def _first_line(e: Exception) -> str:

@@ -76,6 +76,8 @@ class CheckpointHook(Hook):
   source's position, once the step's metrics are known to be finite; `data_state(step)` may be
   a collective, so it runs only on save steps."""
 
+  phase = "checkpoint"
+
   def __init__(self, ckpt: Checkpointer, data_state: Callable[[int], dict]):
     self.ckpt, self.data_state = ckpt, data_state
 
@@ -96,6 +98,8 @@ class EvalHook(Hook):
   logged, and written to
   `json_path` (the newest eval, for later phases and reports: e.g. PPO reads the reward model's
   reward mean and std there)."""
+
+  phase = "eval"
 
   def __init__(self, every: int, batches: int, eval_step: Callable, source: BatchSource,
                fields: dict, metrics: Callable, progress: Progress, json_path: str | None):

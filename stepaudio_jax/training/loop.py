@@ -13,6 +13,7 @@ names one step for all (`reached_preemption_sync_point`). A second SIGTERM once 
 begun exits at once with EXIT_STUCK; the newest complete checkpoint stays the one to resume.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -28,6 +29,8 @@ EXIT_STUCK = 3  # shutdown cut short: second signal or watchdog; resume from the
 
 
 class Hook:
+  phase = "step"  # what StepTimes counts the hook's after_step as (goodput.PHASES)
+
   def start(self, step: int) -> None:
     """Before the first step of this process's run (`step` is where it resumes)."""
 
@@ -106,19 +109,25 @@ class Watchdog:
 
 def run(state: TrainState, train_step: Callable, batches: Iterator[tuple[dict, dict]],
         start: int, total: int, hooks: Sequence[Hook], stop: StopFlag,
-        shutdown_timeout: float = 0) -> tuple[TrainState, int]:
+        shutdown_timeout: float = 0, times=None) -> tuple[TrainState, int]:
   """Steps start+1..total; `batches` yields (global batch, data counters). Returns the state
-  and the number of steps done."""
+  and the number of steps done. `times` (goodput.StepTimes) gets the time of each batch, step
+  dispatch and hook by phase."""
+  timed = times.phase if times is not None else lambda _: contextlib.nullcontext()
   for hook in hooks:
     hook.start(start)
   step = start
   while step < total and not stop.should_stop(step):
-    batch, data_stats = next(batches)
-    state, metrics = train_step(state, batch)
+    with timed("data"):
+      batch, data_stats = next(batches)
+    with timed("step"):
+      state, metrics = train_step(state, batch)
     step += 1
     for hook in hooks:
-      hook.after_step(step, state, metrics, data_stats)
+      with timed(hook.phase):
+        hook.after_step(step, state, metrics, data_stats)
   with Watchdog(shutdown_timeout, f"the shutdown after step {step} (final checkpoint)"):
     for hook in hooks:
-      hook.end(step, state)
+      with timed(hook.phase):
+        hook.end(step, state)
   return state, step

@@ -58,16 +58,27 @@ def _format(value: float) -> str:
       f"{value:.3f}"
 
 
+def _goodput_field(rates: dict) -> str:
+  """"goodput 93% (data 2% compile 5%)": the step share and the other phases above 1%."""
+  wall = sum(v for k, v in rates.items() if k.startswith("time/"))
+  lost = [f"{k[5:-8]} {v / wall:.0%}" for k, v in rates.items()
+          if k.startswith("time/") and k != "time/step_seconds" and wall and v / wall >= 0.01]
+  return f"goodput {rates['goodput']:.0%}" + (f" ({' '.join(lost)})" if lost else "")
+
+
 class Progress:
   """Turns fetched step metrics into a progress line (step, the task's headline metrics,
   tokens/s, MFU, ETA), TensorBoard events, and lines of RUN_DIR/metrics.jsonl
   ({"kind": "train" | "eval", "step", "seconds" since this process started, metrics...}: what
-  `stepaudio report` reads). Only process 0 prints and writes.
+  `stepaudio report` reads). Only process 0 prints and writes. With `times` (goodput.StepTimes)
+  each train line also carries the seconds per phase since the last one (time/data_seconds,
+  time/compile_seconds, ...), goodput (the step share of them) and goodput_total.
   """
 
   def __init__(self, run_dir: str, total_steps: int, tokens_per_step: float,
                flops_per_step: float, peak_flops: float, keys: Sequence[str], is_lead: bool,
-               print_fn=print):
+               print_fn=print, times=None):
+    self.times = times
     self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
     self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.keys, self.is_lead, self.print = tuple(keys), is_lead, print_fn
@@ -95,6 +106,8 @@ class Progress:
         "mfu": self.flops_per_step / dt / self.peak_flops if self.peak_flops else 0.0,
         "step_seconds": dt,
     }
+    if self.times is not None:
+      rates |= self.times.interval()
     if self.is_lead:
       head, *rest = [k for k in self.keys if k in metrics]
       fields = [f"{head} {metrics[head]:.4f}"]
@@ -109,6 +122,8 @@ class Progress:
                 if k.startswith(SHARE) and metrics.get(TARGET + k[len(SHARE):], 0) > 0]
       if len(shares) > 1:
         fields.append("shares " + " ".join(shares))
+      if self.times is not None:
+        fields.append(_goodput_field(rates))
       eta = format_duration((self.total_steps - step) * dt)
       self.print(f"step {step}/{self.total_steps} {' '.join(fields)} ETA {eta}", flush=True)
       for k, v in {**metrics, **rates}.items():

@@ -7,6 +7,7 @@ checkpoint.init_from, the task takes another run's parameters). A checkpoint tha
 cannot be read stops the run: it never falls back to step 0.
 """
 
+import json
 import os
 
 import jax
@@ -17,12 +18,16 @@ from stepaudio_jax.data.source import BatchSource, LoaderStateError, next_global
 from stepaudio_jax.tasks.base import Split
 from stepaudio_jax.training import loop
 from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError, restore_params
+from stepaudio_jax.training.goodput import STACKS_FILE, HangWatchdog, StepTimes
 from stepaudio_jax.training.hooks import CheckpointHook, EvalHook, MetricsHook
 from stepaudio_jax.training.progress import Progress, device_peak_flops
 from stepaudio_jax.training.setup import Setup, TaskFactory, setup
 from stepaudio_jax.training.state import TrainState
 
 EVAL_METRICS = "eval_metrics.json"  # RUN_DIR/eval_metrics.json: the newest eval's metrics
+# RUN_DIR/done.json, written when every step ran (not on a preemption): how a sweep, or a
+# cluster job's wrapper, tells a finished run from one to resume.
+DONE = "done.json"
 
 
 def _unaliased(tree):
@@ -112,21 +117,25 @@ def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> li
       batch = next_global_batch(source, run.batch)
       yield batch, source.stats()
 
+  times = StepTimes()
   progress = Progress(tc.run_dir, total,
                       run.task.tokens_per_step(), run.task.flops_per_step(),
                       device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
-                      run.task.progress_keys, lead, print_fn)
+                      run.task.progress_keys, lead, print_fn, times)
   metrics = MetricsHook(progress, tc.log_every, total, ckpt.manager.latest_step, print_fn,
                         lead)
-  hooks = [metrics, CheckpointHook(ckpt, data_state)]
+  watchdog = HangWatchdog(tc.hang_timeout, os.path.join(
+      tc.run_dir, STACKS_FILE.format(process=jax.process_index())), times)
+  hooks = [watchdog] if tc.hang_timeout else []
+  hooks += [metrics, CheckpointHook(ckpt, data_state)]
   if eval_source is not None:
     hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
                           run.task.eval_metrics, progress,
                           os.path.join(tc.run_dir, EVAL_METRICS) if lead else None))
   try:
-    with jax.set_mesh(run.mesh), loop.StopFlag() as stop:
+    with jax.set_mesh(run.mesh), loop.StopFlag() as stop, times, watchdog:
       _, step = loop.run(state, run.train, batches(), start, total, hooks, stop,
-                         tc.shutdown_timeout)
+                         tc.shutdown_timeout, times)
   except BaseException:
     try:
       ckpt.close()  # let earlier saves complete; the error in flight is the one to report
@@ -138,4 +147,7 @@ def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> li
   ckpt.close()
   if stop.set:
     say(f"preempted (SIGTERM): saved step {step} to {ckpt.directory}; exiting")
+  elif lead and step == total:
+    with open(os.path.join(tc.run_dir, DONE), "w") as f:
+      json.dump({"task": cfg.task, "step": step}, f)
   return metrics.history

@@ -1,0 +1,1 @@
+"""Experiments over runs: sweeps of config variants and reports comparing their runs."""

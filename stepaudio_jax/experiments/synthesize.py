@@ -1,0 +1,138 @@
+"""`stepaudio synthesize`: text (with optional instruction tags and voice prompt) -> WAV.
+
+  1. TTS LM (a `task: sft` run on TTS records): the prompt is the SFT TTS format up to the
+     target audio (data/templates.py renders it from a record with empty target audio), with
+     the leading "(tag)(tag)" instruction of the text as the record's instruction and, with a
+     voice prompt, its transcript and codes as the first exchange; the sampler
+     (inference/sampler.py) continues until <|EOT|>.
+  2. Its audio ids minus the linguistic offset are the one-stream codes (linguistic 0..1023,
+     semantic 1024..5119); they are regrouped 2:3 in order (a stray id out of pattern only
+     shortens the stream).
+  3. Flow (codes -> mel, speaker vector and prompt mel from the voice prompt), vocoder (mel ->
+     wave), WAV at the mel sample rate.
+"""
+
+import os
+import re
+import time
+from math import gcd
+
+import jax
+import numpy as np
+from flax import nnx
+from jaxtyping import Float, Int
+from scipy.io import wavfile
+from scipy.signal import resample_poly
+
+from data_pipelines import audio
+from data_pipelines.kmeans_tokenizer import KMeansDualTokenizer
+from stepaudio_jax.audio.codes import interleave_codes
+from stepaudio_jax.config import load_config
+from stepaudio_jax.config.model import TokenLayout
+from stepaudio_jax.data.records import Example
+from stepaudio_jax.data.templates import render, template_context
+from stepaudio_jax.export.orbax_reader import load_run_config
+from stepaudio_jax.export.score import load_lm
+from stepaudio_jax.inference.decode import left_pad
+from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
+from stepaudio_jax.inference.speech import SpeechDecoder
+from stepaudio_jax.training.checkpoint import restore_params
+
+TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "data_pipelines", "corpus",
+                         "audio_tokenizer.safetensors")
+_TAGS = re.compile(r"^\s*((?:\([^()]*\))*)\s*(.*)$", re.DOTALL)
+
+
+def load_decoder(flow_run: str, vocoder_run: str) -> SpeechDecoder:
+  """The newest checkpoints of a `task: flow` and a `task: vocoder` run directory."""
+  return SpeechDecoder.from_params(
+      load_config(os.path.join(flow_run, "config.yaml")),
+      load_config(os.path.join(vocoder_run, "config.yaml")),
+      restore_params(flow_run)["flow"], restore_params(vocoder_run)["generator"])
+
+
+def split_tags(text: str) -> tuple[str, str]:
+  """'(English)(slow 1) one plus one.' -> ('(English)(slow 1)', 'one plus one.')."""
+  tags, body = _TAGS.match(text).groups()
+  if not body.strip():
+    raise ValueError(f"nothing to say in {text!r} after its instruction tags")
+  return tags, body.strip()
+
+
+def codes_from_tokens(tokens: Int[np.ndarray, " N"], layout: TokenLayout) -> Int[np.ndarray, " C"]:
+  """The LM's audio ids as one stream of whole 2:3 groups (text ids and EOS are dropped)."""
+  t = np.asarray(tokens)
+  ling = t[(t >= layout.linguistic_offset) & (t < layout.semantic_offset)]
+  sem = t[(t >= layout.semantic_offset) & (t < layout.image_placeholder_id)]
+  return interleave_codes(ling - layout.linguistic_offset, sem - layout.semantic_offset)
+
+
+def read_wav(path: str, sample_rate: int) -> Float[np.ndarray, " T"]:
+  """A WAV file as mono float32 at `sample_rate`."""
+  sr, pcm = wavfile.read(path)
+  x = audio.to_float(pcm)
+  x = x.mean(axis=1) if x.ndim == 2 else x
+  if sr != sample_rate:
+    g = gcd(sr, sample_rate)
+    x = resample_poly(x, sample_rate // g, sr // g).astype(np.float32)
+  return x
+
+
+def synthesize(lm_run: str, flow_run: str, vocoder_run: str, text: str, out: str,
+               prompt_wav: str = "", prompt_text: str = "", speaker: str = "default",
+               max_new_tokens: int = 400, temperature: float = 0.7, top_k: int = 50,
+               seed: int = 0, say=print) -> dict:
+  """Write the WAV of `text` to `out`; returns what was done (tokens, codes, seconds)."""
+  if bool(prompt_wav) != bool(prompt_text):
+    raise ValueError("a voice prompt needs both --prompt-wav and --prompt-text (its "
+                     "transcript: the TTS format pairs prompt text with prompt speech)")
+  start = time.perf_counter()
+  run_cfg = load_run_config(lm_run)
+  ctx = template_context(run_cfg.data, run_cfg.tokens, run_cfg.vision)
+  tags, body = split_tags(text)
+  say(f"[1/4] text {body!r}, tags {tags or '(none)'}; loading the LM, flow and vocoder")
+  dec = load_decoder(flow_run, vocoder_run)
+  sr = dec.flow_cfg.mel.sample_rate
+  empty = np.zeros(0, np.int32)
+  texts, ling, sem = [ctx.tokenizer.encode(body)], [empty], [empty]
+  prompt_codes, wave22 = None, None
+  if prompt_wav:
+    wave22 = read_wav(prompt_wav, sr)
+    tok = KMeansDualTokenizer.load(TOKENIZER)
+    w16 = audio.prepare(wave22, sr)
+    pl, ps = tok.linguistic(w16), tok.semantic(w16)
+    prompt_codes = interleave_codes(pl, ps)
+    texts, ling, sem = [ctx.tokenizer.encode(prompt_text)] + texts, [pl, empty], [ps, empty]
+  record = Example("tts", texts, ling, sem, None,
+                   {"speaker": speaker, **({"instruction": tags} if tags else {})})
+  prompt = render(record, ctx).tokens.tolist()
+  model = load_lm(lm_run)
+  ids = run_cfg.tokens
+  sampling = SamplingConfig(max_new_tokens, temperature, top_k, eos_id=ids.eos_id,
+                            pad_id=ids.pad_id)
+  sampler = make_sampler(model)
+  t0 = time.perf_counter()
+  result = jax.device_get(sampler(nnx.to_pure_dict(nnx.state(model)), left_pad([prompt]),
+                                  sampling, jax.random.key(seed)))
+  n = int(result.lengths[0])
+  codes = codes_from_tokens(result.tokens[0, :n], ids)
+  say(f"[2/4] LM: {n} tokens in {time.perf_counter() - t0:.1f} s (prompt {len(prompt)}), "
+      f"{len(codes) // 5} code groups = {len(codes) // 5 * 0.12:.2f} s of speech")
+  if not len(codes):
+    raise ValueError(f"the LM of {lm_run} produced no whole 2:3 group of audio codes in {n} "
+                     "tokens; train it longer or raise --max-new-tokens")
+  t0 = time.perf_counter()
+  spk = dec.speaker(wave22) if wave22 is not None else np.zeros(
+      dec.flow_cfg.speech_data.speaker_dim, np.float32)
+  mel = dec.mel(codes, spk, jax.random.key(seed + 1), prompt_codes, wave22)
+  say(f"[3/4] flow: {len(mel)} mel frames, {dec.flow_cfg.flow.steps} Euler steps, "
+      f"guidance {dec.flow_cfg.flow.cfg_rate}, in {time.perf_counter() - t0:.1f} s")
+  t0 = time.perf_counter()
+  wave = dec.wave(mel)
+  if not np.all(np.isfinite(wave)):
+    raise FloatingPointError("the vocoder produced non-finite samples")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  wavfile.write(out, sr, (np.clip(wave, -1, 1) * 32767).astype(np.int16))
+  say(f"[4/4] vocoder: {len(wave)} samples ({len(wave) / sr:.2f} s at {sr} Hz) in "
+      f"{time.perf_counter() - t0:.1f} s -> {out} (total {time.perf_counter() - start:.1f} s)")
+  return {"tokens": n, "code_groups": len(codes) // 5, "samples": len(wave), "sample_rate": sr}

@@ -1,0 +1,121 @@
+"""GAN vocoder (HiFi-GAN generator, multi-period + multi-resolution spectrogram discriminators).
+
+Two models, `generator` and `discriminator`, each with its own optimizer (vocoder.*_optimizer:
+learning rates and betas), and two updates in every jitted step, in this order:
+  1. discriminator: LSGAN, sum over sub-discriminators of mean((1 - D(y))^2) + mean(D(G(x))^2),
+     with G(x) from the generator as it is before this step (no gradient to it);
+  2. generator, against the discriminator just updated: LSGAN sum of mean((1 - D(G(x)))^2)
+     + fm_weight (2, applied once) x sum over every feature map of mean|D_l(y) - D_l(G(x))|
+     + mel_weight (45) x mean|mel(G(x)) - mel(y)|.
+x = log-mel of the real segment y (audio/mel.py, the flow model's features), computed in the
+step. Each row is `vocoder.segment` samples of real speech (data/speech_pairs.py SegmentSource).
+
+Divergence guard: the discriminator update reports `loss_above_d_loss_limit`, 0 while its loss
+is at most vocoder.d_loss_limit and NaN once it passes it, so the trainer's finite-metric check
+stops the run at that step, naming the metric, before checkpointing it.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stepaudio_jax.audio.mel import log_mel
+from stepaudio_jax.data.speech_pairs import SegmentSource, load_pairs, split_file
+from stepaudio_jax.models.hifigan import Discriminators, Generator
+from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+
+
+def discriminator_loss(real: list, fake: list) -> jax.Array:
+  """LSGAN: real logits towards 1, generated towards 0, summed over sub-discriminators."""
+  return sum(jnp.mean((1 - r[0]) ** 2) + jnp.mean(f[0] ** 2) for r, f in zip(real, fake))
+
+
+def generator_losses(real: list, fake: list) -> tuple[jax.Array, jax.Array]:
+  """(LSGAN adversarial, feature matching): generated logits towards 1; |feature differences|
+  averaged per map, summed over maps and sub-discriminators."""
+  adv = sum(jnp.mean((1 - f[0]) ** 2) for f in fake)
+  fm = sum(jnp.mean(jnp.abs(jax.lax.stop_gradient(a) - b))
+           for r, f in zip(real, fake) for a, b in zip(r[1], f[1]))
+  return adv, fm
+
+
+class VocoderTask(Task):
+  progress_keys = ("generator/mel_l1", "discriminator/loss", "generator/loss")
+
+  def __init__(self, cfg, shard):
+    super().__init__(cfg, shard)
+    if cfg.vocoder.hop != cfg.mel.hop:
+      raise ValueError(f"vocoder.upsample_rates multiply to {cfg.vocoder.hop} samples per "
+                       f"frame but mel.hop is {cfg.mel.hop}; they must be equal")
+    if cfg.vocoder.segment % cfg.mel.hop:
+      raise ValueError(f"vocoder.segment={cfg.vocoder.segment} must be a multiple of mel.hop")
+    self._utts = {}
+
+  def models(self) -> dict[str, Model]:
+    c = self.cfg
+    return {
+        "generator": Model(lambda rngs: Generator(c.vocoder, c.mel.n_mels, rngs=rngs),
+                           optimizer=c.vocoder.generator_optimizer),
+        "discriminator": Model(lambda rngs: Discriminators(c.vocoder, rngs=rngs),
+                               optimizer=c.vocoder.discriminator_optimizer),
+    }
+
+  def batch_fields(self) -> dict[str, BatchField]:
+    return {"wave": BatchField((self.cfg.train.batch_size, self.cfg.vocoder.segment), np.float32,
+                               ("act_batch", None))}
+
+  def _generate(self, params, frozen, batch):
+    mel = log_mel(batch["wave"], self.cfg.mel)
+    return mel, self.merge("generator", params, frozen)(mel)
+
+  def d_loss(self, params, frozen, batch, rng):
+    _, fake = self._generate(params, frozen, batch)
+    disc = self.merge("discriminator", params, frozen)
+    loss = discriminator_loss(disc(batch["wave"]), disc(jax.lax.stop_gradient(fake)))
+    rows = jnp.float32(batch["wave"].shape[0])
+    return loss * rows, {"loss_sum": loss * rows, "rows": rows}
+
+  def g_loss(self, params, frozen, batch, rng):
+    vc = self.cfg.vocoder
+    mel, fake = self._generate(params, frozen, batch)
+    disc = self.merge("discriminator", params, frozen)
+    adv, fm = generator_losses(disc(batch["wave"]), disc(fake))
+    mel_l1 = jnp.mean(jnp.abs(log_mel(fake, self.cfg.mel) - mel))
+    loss = adv + vc.fm_weight * fm + vc.mel_weight * mel_l1
+    rows = jnp.float32(batch["wave"].shape[0])
+    return loss * rows, {"loss_sum": loss * rows, "rows": rows, "adv_sum": adv * rows,
+                         "fm_sum": fm * rows, "mel_l1_sum": mel_l1 * rows}
+
+  def updates(self) -> tuple[Update, ...]:
+    return (Update(("discriminator",), self.d_loss, "discriminator", "rows"),
+            Update(("generator",), self.g_loss, "generator", "rows"))
+
+  def metrics(self, sums, denominator="rows"):
+    rows = jnp.maximum(sums["rows"], 1.0)
+    out = {"loss": sums["loss_sum"] / rows}
+    out.update({k[:-4]: v / rows for k, v in sums.items() if k.endswith("_sum") and k != "loss_sum"})
+    if "adv_sum" not in sums:  # the discriminator's update: the divergence guard
+      out["loss_above_d_loss_limit"] = jnp.where(out["loss"] > self.cfg.vocoder.d_loss_limit,
+                                                 jnp.nan, 0.0)
+    return out
+
+  def eval_sums(self, params, frozen, batch, rng):
+    """Eval reports the generator's losses (mel L1 is the number to watch)."""
+    return self.g_loss(params, frozen, batch, rng)[1]
+
+  def eval_metrics(self, sums):
+    return self.metrics(sums)
+
+  def make_source(self, split: Split) -> SegmentSource:
+    tc = self.cfg.train
+    name = "train" if split == Split.TRAIN else "eval"
+    if name not in self._utts:
+      self._utts[name] = load_pairs(split_file(self.cfg.speech_data.path, name), self.cfg.mel,
+                                    0)
+    return SegmentSource(self._utts[name], tc.batch_size, self.cfg.vocoder.segment,
+                         split == Split.TRAIN, tc.seed)
+
+  def tokens_per_step(self) -> float:
+    """Waveform samples per step (shown as tokens/s)."""
+    return float(self.cfg.train.batch_size * self.cfg.vocoder.segment)

@@ -1,0 +1,62 @@
+"""HiFi-GAN vocoder task: LSGAN losses by hand, the torch-equivalent upsampling, the divergence
+guard, and a short training run whose mel loss falls."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from stepaudio_jax.config import load_config
+from stepaudio_jax.models.speech_layers import ConvTranspose1d
+from stepaudio_jax.tasks.vocoder import discriminator_loss, generator_losses
+from stepaudio_jax.training.trainer import train
+from tests.conftest import REPO
+
+VOCODER = os.path.join(REPO, "configs", "speech", "vocoder_tiny.yaml")
+PAIRS = os.path.join(REPO, "data_pipelines", "corpus", "speech")
+SMALL = [f"speech_data.path={PAIRS}", "vocoder.channels=8", "vocoder.resblock_kernels=[3]",
+         "vocoder.resblock_dilations=[1]", "vocoder.mpd_channels=[4,4,4,4]",
+         "vocoder.mrd_channels=4", "vocoder.segment=1024", "train.batch_size=8",
+         "train.eval_every=0", "vocoder.periods=[2,3]", "vocoder.resolutions=[[256,64,256]]"]
+
+
+def test_lsgan_losses_by_hand():
+  real = [(jnp.array([1.0, 0.5]), [jnp.array([1.0, 2.0])]), (jnp.array([0.0]), [jnp.array([3.0])])]
+  fake = [(jnp.array([0.0, 0.5]), [jnp.array([2.0, 2.0])]), (jnp.array([1.0]), [jnp.array([1.0])])]
+  # D: mean((1 - [1, .5])^2) + mean([0, .5]^2) + (1 - 0)^2 + 1^2 = .125 + .125 + 1 + 1
+  assert float(discriminator_loss(real, fake)) == pytest.approx(2.25)
+  adv, fm = generator_losses(real, fake)
+  assert float(adv) == pytest.approx(0.5 * (1 + 0.25) + 0.0)  # mean((1-[0,.5])^2) + (1-1)^2
+  assert float(fm) == pytest.approx(0.5 + 2.0)  # mean|[1,2]-[2,2]| + |3-1|
+
+
+def test_upsampling_equals_torch_conv_transpose():
+  layer = ConvTranspose1d(3, 2, 16, 8, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).standard_normal((1, 5, 3)).astype(np.float32)
+  w = np.asarray(layer.weight[...])[::-1].transpose(1, 2, 0).copy()  # -> torch [in, out, k]
+  ref = torch.nn.functional.conv_transpose1d(torch.from_numpy(x).transpose(1, 2),
+                                             torch.from_numpy(w), stride=8, padding=4)
+  got = np.asarray(layer(jnp.asarray(x)))
+  assert got.shape == (1, 40, 2)
+  np.testing.assert_allclose(got, ref.transpose(1, 2).numpy(), atol=1e-5)
+
+
+def test_diverging_discriminator_stops_the_run(tmp_path):
+  cfg = load_config(VOCODER, [f"train.run_dir={tmp_path}", "train.steps=1",
+                              "vocoder.d_loss_limit=0.01", *SMALL])
+  with pytest.raises(FloatingPointError, match="discriminator/loss_above_d_loss_limit"):
+    train(cfg, print_fn=lambda *a, **k: None)
+
+
+@pytest.mark.slow
+def test_mel_loss_falls_on_the_committed_pairs(tmp_path):
+  cfg = load_config(VOCODER, [f"train.run_dir={tmp_path}", "train.steps=30",
+                              "train.log_every=30", *SMALL])
+  history = train(cfg, print_fn=lambda *a, **k: None)
+  first = np.mean([h["generator/mel_l1"] for h in history[:3]])
+  last = np.mean([h["generator/mel_l1"] for h in history[-3:]])
+  assert last < 0.8 * first, (first, last)
+  assert all(np.isfinite(h["discriminator/loss"]) for h in history)
