@@ -171,6 +171,21 @@ def time_torch(cfg, batch: dict, steps: int, warmup: int) -> tuple[float, float]
   return median_seconds(run, steps, warmup)
 
 
+def torch_matmul_flops(n: int, dtype: str, repeats: int = 5) -> float:
+  """Achieved FLOP/s of one n x n matmul in PyTorch (best of `repeats`): the same measurement
+  as progress.measure_matmul_peak, so the two libraries' matmul rates compare side by side."""
+  import torch
+
+  a = torch.randn(n, n, dtype=getattr(torch, dtype))
+  a @ a
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
 def gib(n: float) -> str:
   return f"{n / 2**30:.3f} GiB"
 
@@ -201,6 +216,8 @@ def print_table(r: dict) -> None:
                               f"{100 * r['torch_host_busy']:.0f}% busy; torch "
                               f"{r['torch_version']}, {r['torch_threads']} threads)"),
         ("PyTorch tokens/s", f"{r['torch_tokens_per_s']:,.0f}"),
+        ("PyTorch matmul (measured)", f"{r['torch_matmul_flops'] / 1e9:.2f} GFLOP/s "
+                                      f"({r['peak_matmul_size']}^2 {r['compute_dtype']})"),
         ("JAX speedup vs PyTorch", f"{r['speedup_vs_torch']:.2f}x"),
     ]
   width = max(len(k) for k, _ in rows)
@@ -255,6 +272,7 @@ def torch_result(cfg, batch, args, tokens: int, jax_seconds: float) -> dict:
 
   seconds, busy = time_torch(cfg, batch, args.steps, args.warmup)
   return {
+      "torch_matmul_flops": torch_matmul_flops(PEAK_MATMUL_SIZE, cfg.model.compute_dtype.value),
       "torch_step_seconds": seconds,
       "torch_host_busy": busy,
       "torch_tokens_per_s": tokens / seconds,
