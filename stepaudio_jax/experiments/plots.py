@@ -9,14 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stepaudio_jax.experiments.report import TOKEN_TYPES, Run  # noqa: E402
-
-
-def _by_group(runs: list[Run]) -> dict[str, list[Run]]:
-  groups: dict[str, list[Run]] = {}
-  for r in runs:
-    groups.setdefault(r.group, []).append(r)
-  return groups
+from stepaudio_jax.experiments.report import TOKEN_TYPES, Run, by_group  # noqa: E402
 
 
 def _curve(ax, runs: list[Run], kind: str, key, label: str, transform=lambda x: x,
@@ -48,7 +41,7 @@ def _save(fig, out_dir: str, name: str, plots: list[str]) -> None:
 def write_plots(runs: list[Run], out_dir: str) -> list[str]:
   """Writes the plots the runs have data for; returns their file names."""
   plots: list[str] = []
-  groups = _by_group(runs)
+  groups = by_group(runs)
   color = {g: f"C{i % 10}" for i, g in enumerate(groups)}  # one colour per group in every plot
   types = [t for t in TOKEN_TYPES
            if any(rec.get(f"tokens/{t}", 0) > 0 for r in runs for rec in r.eval)]

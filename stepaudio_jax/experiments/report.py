@@ -168,13 +168,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
           *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def by_group(runs: list[Run]) -> dict[str, list[Run]]:
+  """Runs by run.group (label_runs sets it), groups in first-seen order."""
+  groups: dict[str, list[Run]] = {}
+  for r in runs:
+    groups.setdefault(r.group, []).append(r)
+  return groups
+
+
 def group_stats(runs: list[Run]) -> dict[str, dict[str, tuple[float, float, int]]]:
   """Group -> metric -> (mean, sample std (nan for one run), runs)."""
-  groups: dict[str, list[dict]] = {}
-  for r in runs:
-    groups.setdefault(r.group, []).append(r.summary())
   out = {}
-  for g, summaries in groups.items():
+  for g, members in by_group(runs).items():
+    summaries = [r.summary() for r in members]
     keys = sorted({k for s in summaries for k in s if k != "step"})
     out[g] = {}
     for k in keys:

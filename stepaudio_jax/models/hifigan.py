@@ -64,6 +64,18 @@ class Generator(nnx.Module):
     return jnp.tanh(self.conv_post(jax.nn.leaky_relu(x, 0.01)))[:, :, 0]
 
 
+def _conv_stack(convs, conv_post, x: Array) -> tuple[Array, list[Array]]:
+  """A sub-discriminator's body: leaky-ReLU convs, then the score conv; returns the flattened
+  scores and every layer's output (the feature-matching targets)."""
+  fmaps = []
+  for conv in convs:
+    x = jax.nn.leaky_relu(conv(x), LRELU)
+    fmaps.append(x)
+  x = conv_post(x)
+  fmaps.append(x)
+  return x.reshape(x.shape[0], -1), fmaps
+
+
 class PeriodDiscriminator(nnx.Module):
   def __init__(self, period: int, channels: list[int], *, rngs: nnx.Rngs):
     ins = [1] + channels
@@ -76,14 +88,7 @@ class PeriodDiscriminator(nnx.Module):
   def __call__(self, wave: Float[Array, "B T"]) -> tuple[Array, list[Array]]:
     p = self.period
     x = jnp.pad(wave, ((0, 0), (0, -wave.shape[1] % p)), mode="reflect")
-    x = x.reshape(x.shape[0], -1, p, 1)
-    fmaps = []
-    for conv in self.convs:
-      x = jax.nn.leaky_relu(conv(x), LRELU)
-      fmaps.append(x)
-    x = self.conv_post(x)
-    fmaps.append(x)
-    return x.reshape(x.shape[0], -1), fmaps
+    return _conv_stack(self.convs, self.conv_post, x.reshape(x.shape[0], -1, p, 1))
 
 
 class SpectrogramDiscriminator(nnx.Module):
@@ -98,13 +103,7 @@ class SpectrogramDiscriminator(nnx.Module):
 
   def __call__(self, wave: Float[Array, "B T"]) -> tuple[Array, list[Array]]:
     x = magnitude(wave, *self.resolution)[..., None]  # [B, frames, bins, 1]
-    fmaps = []
-    for conv in self.convs:
-      x = jax.nn.leaky_relu(conv(x), LRELU)
-      fmaps.append(x)
-    x = self.conv_post(x)
-    fmaps.append(x)
-    return x.reshape(x.shape[0], -1), fmaps
+    return _conv_stack(self.convs, self.conv_post, x)
 
 
 class Discriminators(nnx.Module):
