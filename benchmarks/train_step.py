@@ -30,6 +30,7 @@ The table is for people; the last line printed is one JSON object with every num
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,10 +143,13 @@ def llama_twin(model_cfg):
   return LlamaForCausalLM(config).float()
 
 
-def time_torch(cfg, batch: dict, steps: int, warmup: int) -> tuple[float, float]:
-  """median_seconds of a PyTorch train step on the same batch (masked mean cross-entropy)."""
+def llama_step(cfg, batch: dict, part=None):
+  """(model, run): transformers' Llama twin with AdamW, and run() one train step of it on the
+  batch (masked mean cross-entropy). part(name), when given, is a context manager around the
+  loss and the optimizer (profile_step.py's profiler ranges)."""
   import torch
 
+  part = part or (lambda name: contextlib.nullcontext())
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(cfg.train.seed)
   model = llama_twin(cfg.model).train()
@@ -159,15 +163,24 @@ def time_torch(cfg, batch: dict, steps: int, warmup: int) -> tuple[float, float]
 
   def run():
     logits = model(input_ids=tokens, position_ids=positions).logits
-    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                               reduction="none")
-    loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
-    opt.zero_grad(set_to_none=True)
+    with part("lm head + loss"):
+      losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                 reduction="none")
+      loss = (losses * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
+    with part("optimizer + clipping"):
+      opt.zero_grad(set_to_none=True)
     loss.backward()
-    if o.grad_clip_norm:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
-    opt.step()
+    with part("optimizer + clipping"):
+      if o.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+      opt.step()
 
+  return model, run
+
+
+def time_torch(cfg, batch: dict, steps: int, warmup: int) -> tuple[float, float]:
+  """median_seconds of a PyTorch train step on the same batch."""
+  _, run = llama_step(cfg, batch)
   return median_seconds(run, steps, warmup)
 
 

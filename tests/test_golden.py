@@ -1,5 +1,10 @@
 """No change in behaviour: the per-step metrics recorded before the training core became tasks
-over a generic step (tests/golden/record.py, run on the old code) come out bit for bit."""
+over a generic step (tests/golden/record.py, run on the old code) come out again.
+
+They came out bit for bit until the projections became 2-D matmuls over flattened tokens
+(models/step1.project, for XLA:CPU's sake), which moves float32 rounding: the worst relative
+difference over the 50 steps is now 6.5e-7 (grad_norm). A changed batch, loss or optimizer
+moves them by orders of magnitude more than the tolerance."""
 
 import json
 import os
@@ -17,12 +22,13 @@ GOLDEN = os.path.join(REPO, "tests", "golden")
 # configs/corpus.yaml ships 6 images per row so its image share is reachable (it had 1), and
 # from the first stage change on, segments carried over from the old stage count toward the
 # new stage's shares, which changes the corpus batches from step 41 (stage 2 starts at step 40).
+ROUNDING = 1e-5  # relative; see the module docstring
 SINCE = {"corpus_50_steps.json": (["vision.max_images_per_sequence=1",
                                    "data.accept_share_shortfall=true"], 40)}
 
 
 @pytest.mark.parametrize("name", ["tiny_50_steps.json", "corpus_50_steps.json"])
-def test_losses_equal_the_pre_refactor_run_bit_for_bit(name, tmp_path):
+def test_metrics_equal_the_pre_refactor_run(name, tmp_path):
   with open(os.path.join(GOLDEN, name)) as f:
     golden = json.load(f)
   undo, steps = SINCE.get(name, ([], len(golden["steps"])))
@@ -33,4 +39,5 @@ def test_losses_equal_the_pre_refactor_run_bit_for_bit(name, tmp_path):
   assert len(history) == len(golden["steps"])
   for got, want in zip(history[:steps], golden["steps"][:steps]):
     for key, value in want.items():
-      assert got[key] == value, (name, want["step"], key, got[key], value)
+      assert got[key] == pytest.approx(value, rel=ROUNDING), (name, want["step"], key, got[key],
+                                                             value)

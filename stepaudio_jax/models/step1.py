@@ -13,7 +13,9 @@ the whole (`__call__`); a reward or value model is the backbone without the LM h
 """
 
 import functools
+import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +31,21 @@ from stepaudio_jax.models.scan import run_layers
 from stepaudio_jax.parallel.mesh import LogicalSharding
 
 
+def project(x: Array, w: Array, contract: int = 1, out_dtype=None) -> Array:
+  """x's last `contract` dims times w's first ones, as one 2-D matmul over the flattened tokens.
+
+  The same product as an einsum over [B, T, ...], but its weight gradient then contracts one
+  dimension (tokens) instead of two (batch and time). XLA:CPU canonicalises a two-dimension
+  contraction by physically transposing the other operand, which cost a tenth of the CPU train
+  step (benchmarks/profile_step.py); a flat token axis needs no transpose on any backend.
+  """
+  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  k = math.prod(inner)
+  chex.assert_equal(w.shape[:contract], inner)
+  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+  return y.reshape(*lead, *w.shape[contract:])
+
+
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
@@ -38,6 +55,7 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=("norm",))
     self.eps = eps
 
+  @jax.named_scope("norm")
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -80,42 +98,43 @@ class Block(nnx.Module):
     x_BTD = self._constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
 
     h = self.input_norm(x_BTD)
-    q_BTNH = checkpoint_name(jnp.einsum("btd,dnh->btnh", h, self.wq[...].astype(cd)), "query")
-    k_BTKH = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, self.wk[...].astype(cd)), "key")
-    v_BTKH = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, self.wv[...].astype(cd)), "value")
-    q_BTNH = self._constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
-    k_BTKH = self._constrain(k_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
-    v_BTKH = self._constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
-    if cfg.position_encoding == PositionEncoding.ROPE:
-      q_BTNH = apply_rope(q_BTNH, positions, cfg.rope_theta)
-      k_BTKH = apply_rope(k_BTKH, positions, cfg.rope_theta)
-      bias = "none"
-    else:
-      bias = "alibi_sqrt"
-    k_BSKH, v_BSKH, kv_segment_ids, kv_positions = k_BTKH, v_BTKH, None, None  # S = T
-    kv_length = None
-    if cache is not None:
-      cache = cache.write_layer(k_BTKH, v_BTKH)
-      k_BSKH, v_BSKH = cache.keys, cache.values
-      kv_segment_ids, kv_positions = cache.segment_ids, cache.positions
-      kv_length = cache.index + x_BTD.shape[1]  # the filled slots, these tokens' included
-    ctx_BTNH = kernels.attention(
-        q_BTNH, k_BSKH, v_BSKH, q_segment_ids=segment_ids, q_positions=positions,
-        kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, kv_length=kv_length,
-        bias=bias, causal=True,
-        implementation=cfg.attention.value, shard=self.shard,
-    )
-    ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", ctx_BTNH, self.wo[...].astype(cd))
-    x_BTD = checkpoint_name(x_BTD, "attention_residual")
+    with jax.named_scope("attention"):  # scopes name the parts in profiles and HLO dumps
+      q_BTNH = checkpoint_name(project(h, self.wq[...].astype(cd)), "query")
+      k_BTKH = checkpoint_name(project(h, self.wk[...].astype(cd)), "key")
+      v_BTKH = checkpoint_name(project(h, self.wv[...].astype(cd)), "value")
+      q_BTNH = self._constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
+      k_BTKH = self._constrain(k_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
+      v_BTKH = self._constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
+      if cfg.position_encoding == PositionEncoding.ROPE:
+        q_BTNH = apply_rope(q_BTNH, positions, cfg.rope_theta)
+        k_BTKH = apply_rope(k_BTKH, positions, cfg.rope_theta)
+        bias = "none"
+      else:
+        bias = "alibi_sqrt"
+      k_BSKH, v_BSKH, kv_segment_ids, kv_positions = k_BTKH, v_BTKH, None, None  # S = T
+      kv_length = None
+      if cache is not None:
+        cache = cache.write_layer(k_BTKH, v_BTKH)
+        k_BSKH, v_BSKH = cache.keys, cache.values
+        kv_segment_ids, kv_positions = cache.segment_ids, cache.positions
+        kv_length = cache.index + x_BTD.shape[1]  # the filled slots, these tokens' included
+      ctx_BTNH = kernels.attention(
+          q_BTNH, k_BSKH, v_BSKH, q_segment_ids=segment_ids, q_positions=positions,
+          kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, kv_length=kv_length,
+          bias=bias, causal=True,
+          implementation=cfg.attention.value, shard=self.shard,
+      )
+      ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
+      x_BTD = x_BTD + project(ctx_BTNH, self.wo[...].astype(cd), contract=2)
+      x_BTD = checkpoint_name(x_BTD, "attention_residual")
 
     h = self.post_attention_norm(x_BTD)
-    gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(cd)),
-                               "mlp_gate")
-    up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h, self.w_up[...].astype(cd)), "mlp_up")
-    act_BTF = self._constrain(jax.nn.silu(gate_BTF) * up_BTF,
-                              ("act_batch", "act_length", "act_mlp"))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, self.w_down[...].astype(cd))
+    with jax.named_scope("mlp"):
+      gate_BTF = checkpoint_name(project(h, self.w_gate[...].astype(cd)), "mlp_gate")
+      up_BTF = checkpoint_name(project(h, self.w_up[...].astype(cd)), "mlp_up")
+      act_BTF = self._constrain(jax.nn.silu(gate_BTF) * up_BTF,
+                                ("act_batch", "act_length", "act_mlp"))
+      x_BTD = x_BTD + project(act_BTF, self.w_down[...].astype(cd))
     return x_BTD if cache is None else (x_BTD, cache)
 
 
@@ -151,6 +170,7 @@ class Step1(nnx.Module):
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                             cfg.init_std, pd)
 
+  @jax.named_scope("embed")
   def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     return self.embed[...].astype(jnp.dtype(self.cfg.compute_dtype.value))[tokens]
 
@@ -171,9 +191,9 @@ class Step1(nnx.Module):
     x_BTD, cache = run(x_BTD, segment_ids, positions, cache=cache.add_slots(segment_ids, positions))
     return self.final_norm(x_BTD), cache.advance(x_BTD.shape[1])
 
+  @jax.named_scope("lm_head")
   def logits(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    logits = jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = project(h_BTD, self.lm_head[...].astype(h_BTD.dtype), out_dtype=jnp.float32)
     if self.shard is not None:
       logits = self.shard.constrain(logits, ("act_batch", "act_length", "act_vocab"))
     return logits

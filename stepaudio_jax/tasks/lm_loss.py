@@ -24,6 +24,7 @@ def token_losses(
   return lse - picked, lse
 
 
+@jax.named_scope("loss")
 def loss_sums(
     logits: Float[Array, "B T V"],
     targets: Int[Array, "B T"],

@@ -81,15 +81,16 @@ def _apply(update: Update, task: Task, optimizers: dict[str, Optimizer], params:
                                       grad_accum_steps, shard)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums[update.denominator], 1.0), grads)
   params, opt_state, steps = dict(params), dict(opt_state), {}
-  for g in update.groups:
-    steps[g], opt_state[g] = optimizers[g].tx.update(grads[g], opt_state[g], params[g])
-    params[g] = optax.apply_updates(params[g], steps[g])
-  out = task.metrics(sums, update.denominator)
-  out.update(
-      grad_norm=optax.tree.norm(grads),
-      update_norm=optax.tree.norm(steps),
-      param_norm=optax.tree.norm({g: params[g] for g in update.groups}),
-  )
+  with jax.named_scope("optimizer"):
+    for g in update.groups:
+      steps[g], opt_state[g] = optimizers[g].tx.update(grads[g], opt_state[g], params[g])
+      params[g] = optax.apply_updates(params[g], steps[g])
+    out = task.metrics(sums, update.denominator)
+    out.update(
+        grad_norm=optax.tree.norm(grads),
+        update_norm=optax.tree.norm(steps),
+        param_norm=optax.tree.norm({g: params[g] for g in update.groups}),
+    )
   return params, opt_state, out
 
 
