@@ -2,7 +2,7 @@
 over a generic step (tests/golden/record.py, run on the old code) come out again.
 
 They came out bit for bit until the projections became 2-D matmuls over flattened tokens
-(models/step1.project, for XLA:CPU's sake), which moves float32 rounding: the worst relative
+(models/linear.project, for XLA:CPU's sake), which moves float32 rounding: the worst relative
 difference over the 50 steps is now 6.5e-7 (grad_norm). A changed batch, loss or optimizer
 moves them by orders of magnitude more than the tolerance."""
 

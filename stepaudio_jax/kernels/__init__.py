@@ -30,10 +30,9 @@ BIASES = ("alibi_sqrt", "none")
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "auto")
 DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64),
                   "cpu": BlockSizes(128, 128)}
-# The xla path skips the causal key blocks past each query block. On CPU 128 rows beat 256 and
-# 64 (README, "Where the CPU step's time goes").
-XLA_QUERY_BLOCKS = {"cpu": 128}
-XLA_QUERY_BLOCK = 256
+# Query rows per block of the xla path, which skips the causal key blocks past each query
+# block. On CPU 128 rows beat 256 and 64 (README, "Where the CPU step's time goes").
+XLA_QUERY_BLOCKS = {"tpu": 256, "gpu": 256, "cpu": 128}
 
 __all__ = ["BIASES", "IMPLEMENTATIONS", "BlockSizes", "attention", "resolve"]
 
@@ -141,7 +140,7 @@ def attention(
                           kv_length, bias, causal, shard, backend)
   if impl == "xla":
     query_block = (block_sizes.block_q if block_sizes
-                   else XLA_QUERY_BLOCKS.get(backend, XLA_QUERY_BLOCK))
+                   else XLA_QUERY_BLOCKS.get(backend, XLA_QUERY_BLOCKS["tpu"]))
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, q_positions=q_positions,
                          kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, bias=bias,
                          causal=causal, query_block=query_block)

@@ -83,10 +83,9 @@ def decode_attention(
     interpret: bool = False,
 ) -> Float[Array, "B T N H"]:
   """Same contract as decode_tpu.decode_attention, as a Triton kernel."""
-  b, t, n, hd = q.shape
+  b, t, _, hd = q.shape
   s, kvh = k.shape[1], k.shape[2]
-  rows = n // kvh * t
-  br = min(block_rows, -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE)
+  br = decode_layout.row_block(q, kvh, block_rows, ROW_MULTIPLE)
   g = decode_layout.group_queries(q, q_segment_ids, q_positions, slopes, kvh, br)
   st = _Static(bias, causal, br, _key_block(s, block_k))
   r = g.q.shape[2]

@@ -32,6 +32,12 @@ class Grouped:
   rows: int  # G*T before padding
 
 
+def row_block(q: Float[Array, "B T N H"], kv_heads: int, block_rows: int, multiple: int) -> int:
+  """Rows per tile: one kv head's G*T query rows rounded up to `multiple`, at most block_rows."""
+  rows = q.shape[2] // kv_heads * q.shape[1]
+  return min(block_rows, -(-rows // multiple) * multiple)
+
+
 def group_queries(
     q: Float[Array, "B T N H"],
     segment_ids: Int[Array, "B T"],

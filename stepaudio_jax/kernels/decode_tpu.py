@@ -120,8 +120,7 @@ def decode_attention(
   """Queries at true positions against a KV cache (visibility as in decode_layout); only the
   first kv_length slots are read (None: all). Forward only: decoding needs no gradient."""
   t = q.shape[1]
-  rows = q.shape[2] // k.shape[2] * t
-  br = min(block_rows, -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE)
+  br = decode_layout.row_block(q, k.shape[2], block_rows, ROW_MULTIPLE)
   g = decode_layout.group_queries(q, q_segment_ids, q_positions, slopes, k.shape[2], br)
   st = _Static(bias, causal, br, decode_layout.key_block(k.shape[1], block_k), interpret)
   length = decode_layout.live_length(kv_length, k.shape[1])

@@ -15,6 +15,15 @@ from jaxtyping import Array, Float, Int
 from stepaudio_jax.parallel.mesh import LogicalSharding
 
 
+def _check_heads(shard: LogicalSharding, q_spec: P, kv_spec: P, kv_heads: int,
+                 kernel: str) -> None:
+  """Query and kv heads must be split over the same mesh axes, into whole kv heads."""
+  if q_spec[2] != kv_spec[2] or kv_heads % shard.ways(kv_spec[2]):
+    raise ValueError(
+        f"{kernel} shards query and kv heads the same way, but {kv_heads} kv heads and rules "
+        f"act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+
+
 def over_batch_and_heads(
     kernel: Callable,
     shard: LogicalSharding,
@@ -31,10 +40,7 @@ def over_batch_and_heads(
   if q_spec[1] is not None:
     raise ValueError("the pallas attention kernel needs the whole sequence on each device; "
                      "map mesh.rules.act_length to [] or use attention=xla")
-  if q_spec[2] != kv_spec[2] or k.shape[2] % shard.ways(kv_spec[2]):
-    raise ValueError(
-        f"pallas attention shards query and kv heads the same way, but {k.shape[2]} kv heads "
-        f"and rules act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+  _check_heads(shard, q_spec, kv_spec, k.shape[2], "pallas attention")
   side = P(q_spec[0], None)
   return jax.shard_map(
       kernel, mesh=shard.mesh,
@@ -60,10 +66,7 @@ def decode_over_batch_and_heads(
   cache sharded as KVCache.logical_axes (batch and kv heads; the slots whole)."""
   q_spec = shard.spec(("act_batch", None, "act_heads", None))
   kv_spec = shard.spec(("act_batch", None, "act_kv_heads", None))
-  if q_spec[2] != kv_spec[2] or k.shape[2] % shard.ways(kv_spec[2]):
-    raise ValueError(
-        f"pallas decode attention shards query and kv heads the same way, but {k.shape[2]} kv "
-        f"heads and rules act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+  _check_heads(shard, q_spec, kv_spec, k.shape[2], "pallas decode attention")
   side = P(q_spec[0], None)
   return jax.shard_map(
       kernel, mesh=shard.mesh,

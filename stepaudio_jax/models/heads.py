@@ -6,6 +6,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from stepaudio_jax.config.model import Step1Config
+from stepaudio_jax.models.linear import project
 
 
 class ScalarHead(nnx.Module):
@@ -25,6 +26,5 @@ class ScalarHead(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((1,), pd), axes=(None,))
 
   def __call__(self, h_BTD: Float[Array, "B T D"]) -> Float[Array, "B T"]:
-    out_BT1 = jnp.einsum("btd,do->bto", h_BTD, self.weight[...].astype(h_BTD.dtype),
-                         preferred_element_type=jnp.float32)
+    out_BT1 = project(h_BTD, self.weight[...].astype(h_BTD.dtype), out_dtype=jnp.float32)
     return (out_BT1 + self.bias[...].astype(jnp.float32)[None, None, :])[..., 0]

@@ -13,6 +13,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
+from stepaudio_jax.models.linear import project
+
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape), axes=(None,) * len(shape))
@@ -28,7 +30,7 @@ class Dense(nnx.Module):
     self.bias = _zeros((dout,))
 
   def __call__(self, x: Float[Array, "... C"]) -> Float[Array, "... D"]:
-    y = jnp.einsum("...c,cd->...d", x, self.weight[...])
+    y = project(x, self.weight[...])
     return y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
 
 

@@ -13,9 +13,7 @@ the whole (`__call__`); a reward or value model is the backbone without the LM h
 """
 
 import functools
-import math
 
-import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,24 +24,10 @@ from stepaudio_jax import kernels
 from stepaudio_jax.config.model import PositionEncoding, Step1Config
 from stepaudio_jax.kernels.layout import default_segments
 from stepaudio_jax.models.kv_cache import KVCache
+from stepaudio_jax.models.linear import project
 from stepaudio_jax.models.positional import apply_rope
 from stepaudio_jax.models.scan import run_layers
 from stepaudio_jax.parallel.mesh import LogicalSharding
-
-
-def project(x: Array, w: Array, contract: int = 1, out_dtype=None) -> Array:
-  """x's last `contract` dims times w's first ones, as one 2-D matmul over the flattened tokens.
-
-  The same product as an einsum over [B, T, ...], but its weight gradient then contracts one
-  dimension (tokens) instead of two (batch and time). XLA:CPU canonicalises a two-dimension
-  contraction by physically transposing the other operand, which cost a tenth of the CPU train
-  step (benchmarks/profile_step.py); a flat token axis needs no transpose on any backend.
-  """
-  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
-  k = math.prod(inner)
-  chex.assert_equal(w.shape[:contract], inner)
-  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
-  return y.reshape(*lead, *w.shape[contract:])
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:

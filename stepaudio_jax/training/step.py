@@ -85,12 +85,12 @@ def _apply(update: Update, task: Task, optimizers: dict[str, Optimizer], params:
     for g in update.groups:
       steps[g], opt_state[g] = optimizers[g].tx.update(grads[g], opt_state[g], params[g])
       params[g] = optax.apply_updates(params[g], steps[g])
-    out = task.metrics(sums, update.denominator)
-    out.update(
-        grad_norm=optax.tree.norm(grads),
-        update_norm=optax.tree.norm(steps),
-        param_norm=optax.tree.norm({g: params[g] for g in update.groups}),
-    )
+  out = task.metrics(sums, update.denominator)
+  out.update(
+      grad_norm=optax.tree.norm(grads),
+      update_norm=optax.tree.norm(steps),
+      param_norm=optax.tree.norm({g: params[g] for g in update.groups}),
+  )
   return params, opt_state, out
 
 
