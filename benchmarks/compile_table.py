@@ -52,6 +52,8 @@ TPU_ROWS = (
     ("configs/step_omni_130b_v5p.yaml", [], "v5p:8x8x8"),
     ("configs/model/step-audio-tts-3b.yaml",
      ["train.batch_size=64", "model.attention=pallas", "model.remat=save_mlp"], "v5p:2x2x2"),
+    ("configs/model/step-audio-tts-3b.yaml",  # 1 row per chip: gathered weights, no loops
+     ["train.batch_size=64", "model.attention=pallas", "model.remat=save_mlp"], "v5p:4x4x4"),
 )
 
 
