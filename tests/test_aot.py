@@ -11,7 +11,7 @@ from stepaudio_jax.training.aot import compile_train_step  # noqa: E402
 def test_tiny_step_compiles_for_v5p_and_fits():
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.tensor=2"])
   report, _ = compile_train_step(cfg, "v5p:2x2x1")
-  assert report.chips == 4 and report.mesh == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert report.chips == 4 and report.mesh == {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 2}
   assert report.fits and 0 < report.bytes_per_chip < report.hbm_per_chip
   assert report.xla_flops > 0
 

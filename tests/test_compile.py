@@ -3,8 +3,12 @@ no chips), with memory per chip, XLA's time estimate extrapolated from unrolled 
 130B config's parameter shardings pinned by a golden table."""
 
 import dataclasses
+import glob
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,6 +22,7 @@ from test_step1 import _loss_and_grads
 
 from stepaudio_jax import cli
 from stepaudio_jax.config import load_config
+from stepaudio_jax.launch import ACCELERATOR_DEVICES
 from stepaudio_jax.training import aot
 
 GOLDEN = os.path.join(REPO, "tests", "golden", "step_omni_130b_v5p_shardings.json")
@@ -47,6 +52,20 @@ def test_cli_prints_memory_time_and_mfu(capsys):
   out = capsys.readouterr().out
   assert "GiB of 95 GiB: fits" in out and "MFU at 459 TFLOP/s" in out
   assert "extrapolated linearly" in out
+
+
+def test_libtpu_logs_no_errors_on_a_host_without_a_tpu():
+  """libtpu asks a metadata server for the TPU hosts unless told there are none; a fresh
+  process (libtpu initialises once) that describes a topology must print no E-level lines."""
+  if any(glob.glob(p) for p in ACCELERATOR_DEVICES):
+    pytest.skip("this host has an accelerator")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  done = subprocess.run(
+      [sys.executable, "-c", "from stepaudio_jax.training.aot import tpu_devices; "
+       "print(len(tpu_devices('v5p:2x2x1')))"], env=env, capture_output=True, text=True,
+      timeout=300, check=True)
+  assert done.stdout.split() == ["4"]
+  assert not re.search(r"^E\d{4}|ERROR|could not determine", done.stderr, re.M), done.stderr
 
 
 def test_cli_fails_clearly_when_the_step_does_not_fit(capsys):

@@ -135,24 +135,29 @@ def test_greedy_needs_enough_cache_slots():
     decode.greedy(decoder, params, decode.left_pad(_prompts(TINY.vocab_size)), 5)
 
 
-@pytest.mark.parametrize("name", ["alibi", "rope"])
-def test_sharded_decoding_equals_one_device(name):
-  """Mesh data=2, fsdp=2, tensor=2: parameters by their logical axes, the cache on batch and
-  kv heads; logits within 1e-5 of one device and the same greedy tokens."""
+@pytest.mark.parametrize("name,split", [("alibi", "tensor"), ("rope", "tensor"),
+                                        ("alibi", "sequence")])
+def test_sharded_decoding_equals_one_device(name, split):
+  """Mesh data=2, fsdp=2 and tensor=2 (or sequence=2, a training mesh reused by PPO's sampler):
+  parameters by their logical axes, the cache on batch and kv heads; logits within 1e-5 of one
+  device and the same greedy tokens."""
   cfg = CASES[name]
-  shard = LogicalSharding.create(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
+  shard = LogicalSharding.create(make_mesh(MeshConfig(data=2, fsdp=2, **{split: 2})),
                                  MeshConfig().rules)
   model, params = _model(name)
   sharded_model = nnx.eval_shape(lambda: Step1(cfg, shard, rngs=nnx.Rngs(0)))
   sharded_params = jax.device_put(params, shard.tree(logical_axes(nnx.state(sharded_model))))
-  assert sharded_params["layers"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
+  wq = P(None, "fsdp", "tensor", None) if split == "tensor" else P(None, ("fsdp", "sequence"),
+                                                                   None, None)
+  assert sharded_params["layers"]["wq"].sharding.spec == wq
   prompts = decode.left_pad(_prompts(cfg.vocab_size, seed=3))
   length = max(PROMPT_LENGTHS) + 32
   one = decode.make_decoder(model, length)
   eight = decode.make_decoder(sharded_model, length, shard)
 
   (l1, c1), (l8, c8) = one.prefill(params, prompts), eight.prefill(sharded_params, prompts)
-  assert c8.keys.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  heads = "tensor" if split == "tensor" else None
+  assert c8.keys.sharding.spec == P(None, ("data", "fsdp"), None, heads, None)
   assert c8.positions.sharding.spec == P(("data", "fsdp"), None)
   errs = [_max_rel_err(l8, l1)]
   token = jnp.argmax(l1, -1).astype(jnp.int32)

@@ -14,7 +14,7 @@ def test_dcn_ways_must_divide_their_axis_and_match_the_slices():
     MeshConfig(dcn_data=0)
   with pytest.raises(ValueError, match="mesh.dcn_fsdp=3 does not divide mesh.fsdp=4"):
     MeshConfig(data=2, fsdp=4, dcn_fsdp=3).split(8)
-  assert MeshConfig(data=2, fsdp=-1, tensor=2, dcn_data=2).split(16) == ((1, 4, 2), (2, 1, 1))
+  assert MeshConfig(data=2, fsdp=-1, tensor=2, dcn_data=2).split(16) == ((1, 4, 1, 2), (2, 1, 1, 1))
   with pytest.raises(ConfigError, match="must equal the number of processes, which is 1"):
     make_mesh(MeshConfig(data=2, fsdp=4, dcn_data=2))  # 8 CPU devices in one process
 
@@ -48,6 +48,6 @@ def test_train_step_compiles_for_two_v5p_slices(two_slices):
   cfg = load_config("configs/tiny.yaml", ["mesh.data=2", "mesh.dcn_data=2", "mesh.fsdp=2",
                                           "mesh.tensor=2", "vision.enabled=false"])
   report, compiled = compile_train_step(cfg, "v5p:2x2x1", num_slices=2)
-  assert report.chips == 8 and report.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert report.chips == 8 and report.mesh == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
   assert report.fits
   assert "all-reduce" in compiled.as_text()

@@ -37,15 +37,42 @@ def test_eight_devices_match_one():
   cfg1 = load_config("configs/tiny.yaml", ["mesh.fsdp=1"])
   loss1, grads1, _ = _loss_and_grads(cfg1, jax.devices()[:1])
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  _assert_gradients_close(grads8, grads1)
+  wq = state8.params["model"]["lm"]["layers"]["wq"]
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert len(wq.sharding.device_set) == 8
 
+
+def _assert_gradients_close(got, want):
+  """Every gradient within 1e-5 of its own largest entry."""
   def close(path, a, b):
     scale = np.abs(b).max()
     assert np.abs(a - b).max() <= 1e-5 * scale + 1e-9, jax.tree_util.keystr(path)
 
-  jax.tree_util.tree_map_with_path(close, grads8, grads1)
+  jax.tree_util.tree_map_with_path(close, got, want)
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_sequence_axis_matches_one_device(attention):
+  """mesh.sequence=2 splits each row's tokens outside attention and the heads inside it: the
+  loss and gradients of one device, parameters sharded over fsdp x sequence, and the step moves
+  q/k/v between the two layouts by all-to-all (none without the sequence axis)."""
+  mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2", f"model.attention={attention}"]
+  cfg = load_config("configs/tiny.yaml", mesh)
+  loss8, grads8, state8 = _loss_and_grads(cfg, jax.devices())
+  cfg1 = load_config("configs/tiny.yaml", ["mesh.fsdp=1", f"model.attention={attention}"])
+  loss1, grads1, _ = _loss_and_grads(cfg1, jax.devices()[:1])
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  _assert_gradients_close(grads8, grads1)
   wq = state8.params["model"]["lm"]["layers"]["wq"]
-  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-  assert len(wq.sharding.device_set) == 8
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"), None, None)
+  if attention == "xla":
+    def all_to_alls(cfg):
+      run = setup(cfg)
+      return run.train.lower(run.abstract_state, run.batch).compile().as_text().count(
+          " all-to-all(")
+    without = load_config("configs/tiny.yaml", ["mesh.data=2", "mesh.fsdp=4"])
+    assert all_to_alls(cfg) >= 4 * cfg.model.num_layers > all_to_alls(without)
 
 
 def test_optimizer_moments_follow_their_parameters():
@@ -60,9 +87,20 @@ def test_optimizer_moments_follow_their_parameters():
 
 
 def test_mesh_that_does_not_divide_the_model_is_named():
+  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=8", "model.hidden_size=68"])
+  with pytest.raises(ValueError, match=r"model/lm/embed of shape \(512, 68\) \(axes "
+                                       r"\('vocab', 'embed'\)\).*size 68.*'fsdp',\) \(size 8\)"):
+    setup(cfg)
   cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=1", "mesh.tensor=8"])
-  with pytest.raises(ValueError, match=r"model/lm/layers/wk of shape \(2, 64, 2, 16\) \(axes "
-                                       r"\('layers', 'embed', 'kv_heads'.*size 2.*tensor"):
+  with pytest.raises(ValueError, match=r"attention heads \(model.num_heads=4\).*\('tensor',\) "
+                                       r"\(size 8\)"):
+    setup(cfg)
+
+
+def test_sequence_axis_must_divide_the_kv_heads():
+  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.sequence=4"])
+  with pytest.raises(ValueError, match=r"attention heads \(model.num_kv_heads=2\).*"
+                                       r"\('sequence',\) \(size 4\)"):
     setup(cfg)
 
 

@@ -110,8 +110,9 @@ def attention(
   0..kv_length-1 are the filled ones; the decode kernel reads no further, treating later slots
   as empty (the KV cache marks them segment 0, which only left-pad queries, whose outputs no
   real token reads, could see); the xla path reads every slot.
-  shard (the model's LogicalSharding) lets the pallas kernels run per device on batch- and
-  head-sharded activations; block_sizes overrides the per-backend kernel tiles.
+  shard (the model's LogicalSharding): self-attention runs with the whole sequence and a share
+  of the heads on each device (the pallas kernels per device), so a sequence-sharded model
+  (mesh.sequence) is all-to-all'ed in and out; block_sizes overrides the per-backend tiles.
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
@@ -138,6 +139,22 @@ def attention(
   if cached and impl == "pallas":
     return _pallas_decode(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
                           kv_length, bias, causal, shard, backend)
+  if shard is None or cached:
+    return _dispatch(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions, bias,
+                     causal, impl, shard, block_sizes, backend)
+  # Self-attention under a mesh runs in the attention layout (whole sequence, a share of the
+  # heads): a sequence-sharded model gets there by all-to-all; otherwise nothing moves.
+  q = shard.constrain(q, sharded.ATTENTION_Q)
+  k, v = (shard.constrain(x, sharded.ATTENTION_KV) for x in (k, v))
+  q_segment_ids, q_positions = (shard.constrain(x, ("act_batch", None))
+                                for x in (q_segment_ids, q_positions))
+  out = _dispatch(q, k, v, q_segment_ids, q_positions, None, None, bias, causal, impl, shard,
+                  block_sizes, backend)
+  return shard.constrain(out, ("act_batch", "act_length", "act_heads", None))
+
+
+def _dispatch(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions, bias, causal,
+              impl, shard, block_sizes, backend):
   if impl == "xla":
     query_block = (block_sizes.block_q if block_sizes
                    else XLA_QUERY_BLOCKS.get(backend, XLA_QUERY_BLOCKS["tpu"]))

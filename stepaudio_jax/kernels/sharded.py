@@ -1,7 +1,9 @@
 """Run a per-device attention kernel (flash or decode) inside the model's sharding: shard_map over batch and heads.
 
 pallas_call cannot be partitioned by XLA, so each device runs the kernel on its own batch rows
-and heads. Contiguous GQA groups survive head sharding when query and kv heads are split the
+and heads. Self-attention runs in the attention layout (ATTENTION_Q/KV): every device holds the
+whole sequence of its share of the heads, so a sequence-sharded model (mesh.sequence) reaches
+it by one all-to-all per tensor (DeepSpeed-Ulysses) and the kernel never sees a sequence split. Contiguous GQA groups survive head sharding when query and kv heads are split the
 same number of ways: device d holds query heads d*N/D.. and kv heads d*K/D.., and h // G still
 maps one onto the other. The slopes are an input sharded like the heads for the same reason.
 """
@@ -14,14 +16,18 @@ from jaxtyping import Array, Float, Int
 
 from stepaudio_jax.parallel.mesh import LogicalSharding
 
+ATTENTION_Q = ("act_batch", None, "act_attn_heads", None)
+ATTENTION_KV = ("act_batch", None, "act_attn_kv_heads", None)
+
 
 def _check_heads(shard: LogicalSharding, q_spec: P, kv_spec: P, kv_heads: int,
                  kernel: str) -> None:
   """Query and kv heads must be split over the same mesh axes, into whole kv heads."""
   if q_spec[2] != kv_spec[2] or kv_heads % shard.ways(kv_spec[2]):
     raise ValueError(
-        f"{kernel} shards query and kv heads the same way, but {kv_heads} kv heads and rules "
-        f"act_heads->{q_spec[2]}, act_kv_heads->{kv_spec[2]} do not allow it")
+        f"{kernel} shards query and kv heads the same way, but {kv_heads} kv heads and heads "
+        f"sharded over {q_spec[2]} and {kv_spec[2]} do not allow it; check mesh.tensor, "
+        f"mesh.sequence and the mesh.rules of the heads")
 
 
 def over_batch_and_heads(
@@ -34,12 +40,8 @@ def over_batch_and_heads(
     segment_ids: Int[Array, "B T"],
     positions: Int[Array, "B T"],
 ) -> Float[Array, "B T N H"]:
-  """kernel(q, k, v, slopes, segment_ids, positions) on each device's shard."""
-  q_spec = shard.spec(("act_batch", "act_length", "act_heads", None))
-  kv_spec = shard.spec(("act_batch", "act_length", "act_kv_heads", None))
-  if q_spec[1] is not None:
-    raise ValueError("the pallas attention kernel needs the whole sequence on each device; "
-                     "map mesh.rules.act_length to [] or use attention=xla")
+  """kernel(q, k, v, slopes, segment_ids, positions) on each device's batch rows and heads."""
+  q_spec, kv_spec = shard.spec(ATTENTION_Q), shard.spec(ATTENTION_KV)
   _check_heads(shard, q_spec, kv_spec, k.shape[2], "pallas attention")
   side = P(q_spec[0], None)
   return jax.shard_map(

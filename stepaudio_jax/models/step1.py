@@ -139,6 +139,10 @@ class Step1(nnx.Module):
       rngs: nnx.Rngs,
   ):
     self.cfg, self.shard = cfg, shard
+    if shard is not None:  # attention splits heads over tensor x sequence (kernels/sharded.py)
+      for name, heads, axis in (("num_heads", cfg.num_heads, "act_attn_heads"),
+                                ("num_kv_heads", cfg.num_kv_heads, "act_attn_kv_heads")):
+        shard.check_divides(f"attention heads (model.{name}={heads})", (heads,), (axis,))
     pd = jnp.dtype(cfg.param_dtype.value)
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                         cfg.init_std, pd)

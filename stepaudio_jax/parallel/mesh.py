@@ -27,7 +27,7 @@ def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The (data, fsdp, tensor) mesh. With mesh.dcn_* > 1 a hybrid mesh: each slice (or process)
+  """The (data, fsdp, sequence, tensor) mesh. With mesh.dcn_* > 1 a hybrid mesh: each slice (or process)
   holds a contiguous ICI block of every axis, and the dcn ways of data and fsdp step across
   slices; otherwise the device list reshaped in order."""
   devices = list(devices if devices is not None else jax.devices())
@@ -66,7 +66,9 @@ class LogicalSharding:
         continue
       if name not in table:
         raise ConfigError(f"logical axis {name!r} has no rule; add mesh.rules.{name}=[...]")
-      mesh_axes = tuple(a for a in table[name] if a not in used and self.mesh.shape[a] > 1)
+      # axes of size 1, or absent from a hand-built mesh, shard nothing
+      mesh_axes = tuple(a for a in table[name]
+                        if a not in used and self.mesh.shape.get(a, 1) > 1)
       used.update(mesh_axes)
       out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return PartitionSpec(*out)

@@ -11,6 +11,7 @@ few milliseconds of memory traffic: the estimate errs slow by that much).
 """
 
 import dataclasses
+import glob
 import os
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from stepaudio_jax.config import ConfigError, RunConfig
+from stepaudio_jax.launch import ACCELERATOR_DEVICES
 from stepaudio_jax.models import flops as flops_lib
 from stepaudio_jax.training.setup import setup
 
@@ -34,6 +36,10 @@ CHIPS = {  # by the generation prefix of a topology name ("v5p:8x8x8")
     "v5p": Chip(95 << 30, 459e12),
     "v6e": Chip(32 << 30, 918e12),
 }
+
+# libtpu's settings on a host with no TPU (any valid accelerator type will do).
+LIBTPU_OFF_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                  "TPU_ACCELERATOR_TYPE": "v5p-8"}
 
 
 class DoesNotFit(ConfigError):
@@ -100,6 +106,11 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   """Device descriptions of a TPU slice such as 'v5p:8x8x8' (4 chips per host)."""
   chip(topology)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling touches no chip
+  if not any(glob.glob(p) for p in ACCELERATOR_DEVICES):
+    # No TPU here: tell libtpu so, or it asks the (absent) metadata server for the worker
+    # hostnames and accelerator type and logs errors; the topology below is explicit anyway.
+    for name, value in LIBTPU_OFF_TPU.items():
+      os.environ.setdefault(name, value)
   from jax.experimental import topologies
 
   topo = topologies.get_topology_desc(
