@@ -27,12 +27,16 @@ import json
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+from stepaudio_jax.launch import prefer_cpu_without_accelerators
 
-from stepaudio_jax import kernels
-from stepaudio_jax.kernels import flops
-from stepaudio_jax.kernels.dense_bias import dense_bias_attention
+prefer_cpu_without_accelerators()  # before jax: no TPU-runtime errors on a CPU-only host
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from stepaudio_jax import kernels  # noqa: E402
+from stepaudio_jax.kernels import flops  # noqa: E402
+from stepaudio_jax.kernels.dense_bias import dense_bias_attention  # noqa: E402
 
 BWD_MATMULS_FA2 = 5
 GQA = {"gqa12": (12, 1), "gqa8": (16, 2)}

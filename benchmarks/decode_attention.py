@@ -25,10 +25,14 @@ import json
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+from stepaudio_jax.launch import prefer_cpu_without_accelerators
 
-from stepaudio_jax import kernels
+prefer_cpu_without_accelerators()  # before jax: no TPU-runtime errors on a CPU-only host
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from stepaudio_jax import kernels  # noqa: E402
 
 HBM_GBPS = {"TPU v4": 1228, "TPU v5 lite": 819, "TPU v5e": 819, "TPU v5p": 2765,
             "TPU v6 lite": 1640, "TPU v6e": 1640, "NVIDIA H100": 3350, "NVIDIA H200": 4800,

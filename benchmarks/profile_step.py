@@ -37,7 +37,11 @@ import sys
 import tempfile
 import time
 
-import jax
+from stepaudio_jax.launch import prefer_cpu_without_accelerators
+
+prefer_cpu_without_accelerators()  # before jax: no TPU-runtime errors on a CPU-only host
+
+import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_step import compile_step, host_batch, llama_step, torch_skip_reason

@@ -32,15 +32,19 @@ import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from stepaudio_jax.launch import prefer_cpu_without_accelerators
 
-from stepaudio_jax.config import load_config
-from stepaudio_jax.inference import decode
-from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
-from stepaudio_jax.models.step1 import Step1
+prefer_cpu_without_accelerators()  # before jax: no TPU-runtime errors on a CPU-only host
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from stepaudio_jax.config import load_config  # noqa: E402
+from stepaudio_jax.inference import decode  # noqa: E402
+from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler  # noqa: E402
+from stepaudio_jax.models.step1 import Step1  # noqa: E402
 
 # HBM bandwidth per chip, bytes/s, from the vendors' spec sheets; the first prefix that matches
 # jax.devices()[0].device_kind wins.

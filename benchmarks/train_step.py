@@ -1,6 +1,7 @@
 """Time the jitted train step: tokens/s, FLOP/s against a measured matmul peak, memory, PyTorch.
 
   python benchmarks/train_step.py CONFIG [key=value ...] [--steps N] [--warmup N] [--no-torch]
+                                  [--against key=value ... [--rounds R]]
   python benchmarks/train_step.py configs/bench.yaml                                # Step1
   python benchmarks/train_step.py configs/bench.yaml model.position_encoding=rope   # vs PyTorch
 
@@ -26,6 +27,9 @@ compiled as the trainer compiles it (same shardings, donated state, a fixed synt
                    Skipped for ALiBi (Llama has no such variant), with --no-torch, or without
                    torch and transformers.
 
+  --against        a second JAX variant (the same overrides plus these), compiled beside the
+                   first and timed in alternating rounds: the A/B ratio of one process.
+
 The table is for people; the last line printed is one JSON object with every number.
 """
 
@@ -37,16 +41,20 @@ import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from stepaudio_jax.launch import prefer_cpu_without_accelerators
 
-from stepaudio_jax.config import load_config
-from stepaudio_jax.config.model import PositionEncoding
-from stepaudio_jax.data.synthetic import TRAIN_SPLIT, SyntheticSource
-from stepaudio_jax.models import flops as flops_lib
-from stepaudio_jax.training.progress import measure_matmul_peak
-from stepaudio_jax.training.setup import setup
+prefer_cpu_without_accelerators()  # before jax: no TPU-runtime errors on a CPU-only host
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stepaudio_jax.config import load_config  # noqa: E402
+from stepaudio_jax.config.model import PositionEncoding  # noqa: E402
+from stepaudio_jax.data.synthetic import TRAIN_SPLIT, SyntheticSource  # noqa: E402
+from stepaudio_jax.models import flops as flops_lib  # noqa: E402
+from stepaudio_jax.training.progress import measure_matmul_peak  # noqa: E402
+from stepaudio_jax.training.setup import setup  # noqa: E402
 
 PEAK_MATMUL_SIZE = 2048  # fp32 on 2 CPU cores: ~0.2 s per product, best-of-5 within ~2%
 
@@ -58,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+  p.add_argument("--against", nargs="+", metavar="KEY=VALUE", default=[],
+                 help="also time the step with these overrides added, in alternating rounds "
+                      "with the first (an A/B from one process)")
+  p.add_argument("--rounds", type=int, default=2, help="alternating rounds with --against")
   return p.parse_args(argv)
 
 
@@ -100,19 +112,25 @@ def compiled_bytes(compiled) -> int:
           - m.alias_size_in_bytes)
 
 
-def time_jax(compiled, state, batch, steps: int, warmup: int) -> tuple[float, float]:
-  """median_seconds of the step; the state is donated, so each step feeds the next."""
-  carry = {"state": state}
+def time_jax_rounds(variants, steps: int, warmup: int, rounds: int) -> list[tuple[float, float]]:
+  """(seconds, busy) per (compiled, state, batch) variant: the mean of its median_seconds over
+  `rounds` rounds that take the variants in turn, so a drift in the host's speed (10-20%
+  between minutes on shared machines) reaches every variant alike. The state is donated, so
+  each step feeds the next."""
+  carries = [{"state": state} for _, state, _ in variants]
+  timings = [[] for _ in variants]
+  for r in range(rounds):
+    for carry, (compiled, _, batch), timing in zip(carries, variants, timings):
+      def run(carry=carry, compiled=compiled, batch=batch):
+        carry["state"], carry["metrics"] = compiled(carry["state"], batch)
+        jax.block_until_ready(carry["metrics"])
 
-  def run():
-    carry["state"], carry["metrics"] = compiled(carry["state"], batch)
-    jax.block_until_ready(carry["metrics"])
-
-  timing = median_seconds(run, steps, warmup)
-  loss = float(carry["metrics"]["loss"])
-  if not math.isfinite(loss):
-    raise FloatingPointError(f"the JAX train step produced loss {loss}")
-  return timing
+      timing.append(median_seconds(run, steps, warmup if r == 0 else 1))
+  for carry in carries:
+    loss = float(carry["metrics"]["loss"])
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"the JAX train step produced loss {loss}")
+  return [tuple(statistics.mean(t[i] for t in timing) for i in (0, 1)) for timing in timings]
 
 
 def torch_skip_reason(cfg, no_torch: bool) -> str | None:
@@ -221,6 +239,13 @@ def print_table(r: dict) -> None:
       ("analytic memory", f"{gib(r['analytic_bytes'])} (params + grads + Adam + activations)"),
       ("compiled / analytic", f"{r['compiled_over_analytic']:.2f}"),
   ]
+  if r.get("against"):
+    rows += [
+        (f"JAX + {' '.join(r['against'])}", f"{r['against_step_seconds'] * 1e3:.1f} ms (host "
+                                            f"{100 * r['against_host_busy']:.0f}% busy)"),
+        ("  its time / the first's", f"{r['against_over_base']:.3f} (mean of {r['rounds']} "
+                                     "alternating rounds' medians each)"),
+    ]
   if r["torch_tokens_per_s"] is None:
     rows.append(("PyTorch", f"skipped: {r['torch_skipped']}"))
   else:
@@ -243,10 +268,16 @@ def run_benchmark(args) -> dict:
   tc, m = cfg.train, cfg.model
   tokens = tc.batch_size * tc.seq_len
   batch = host_batch(cfg)
-  compiled, state, device_batch = compile_step(cfg, batch)
+  variants = [compile_step(cfg, batch)]
+  if args.against:
+    other = load_config(args.config, [*args.overrides, *args.against], num_devices=1)
+    variants.append(compile_step(other, host_batch(other)))
+  compiled = variants[0][0]
   dtype = jnp.dtype(m.compute_dtype.value)
   peak_before = measure_matmul_peak(PEAK_MATMUL_SIZE, dtype)
-  seconds, busy = time_jax(compiled, state, device_batch, args.steps, args.warmup)
+  timings = time_jax_rounds(variants, args.steps, args.warmup,
+                            args.rounds if args.against else 1)
+  seconds, busy = timings[0]
   step_flops = flops_lib.train_step_flops(cfg, tc.batch_size)
   peak = max(peak_before, measure_matmul_peak(PEAK_MATMUL_SIZE, dtype))
   analytic = flops_lib.train_memory_estimate(cfg, tc.batch_size // tc.grad_accum_steps).total
@@ -273,6 +304,10 @@ def run_benchmark(args) -> dict:
   }
   result["mfu_vs_measured_peak"] = result["achieved_flops"] / result["matmul_peak_flops"]
   result["compiled_over_analytic"] = result["compiled_peak_bytes"] / analytic
+  if args.against:
+    result.update(against=list(args.against), rounds=args.rounds,
+                  against_step_seconds=timings[1][0], against_host_busy=timings[1][1],
+                  against_over_base=timings[1][0] / seconds)
   result.update(torch_result(cfg, batch, args, tokens, seconds))
   return result
 

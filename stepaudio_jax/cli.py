@@ -72,7 +72,8 @@ def _compile(args) -> int:
     print(f"  XLA step time     {est.seconds:7.2f} s (the task reports no model FLOPs: no MFU)")
   if est.loops:
     print(f"  note: {est.loops} while loops remain in the costed program, each body counted once "
-          "(the image encoder's layer scan, a task's own scans, XLA's collective matmuls)")
+          "(the image encoder's layer scan, a task's own scans)")
+  print("  (costed with XLA's collective matmuls off: their loop bodies would be counted once)")
   if est.depths:
     print(f"  (XLA's cost analysis counts a scanned layer once: the step was compiled unrolled "
           f"at {est.depths[0]} and {est.depths[1]} layers and extrapolated linearly to "

@@ -30,7 +30,7 @@ def run_benchmark(*args: str) -> dict:
 def test_tiny_benchmark_reports_consistent_numbers():
   overrides = ("train.batch_size=2", "train.seq_len=64")
   r = run_benchmark("configs/tiny.yaml", *overrides, "--steps", "2", "--warmup", "1",
-                    "--no-torch")
+                    "--no-torch", "--against", "model.remat=none")
   assert r["config"] == "tiny"
   for key in NUMBERS:
     assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
@@ -41,3 +41,5 @@ def test_tiny_benchmark_reports_consistent_numbers():
   assert r["mfu_vs_measured_peak"] == pytest.approx(r["achieved_flops"] / r["matmul_peak_flops"])
   assert r["torch_tokens_per_s"] is None and r["speedup_vs_torch"] is None
   assert r["jax_version"] and r["device_kind"]
+  assert r["against"] == ["model.remat=none"] and r["rounds"] == 2
+  assert r["against_over_base"] == pytest.approx(r["against_step_seconds"] / r["step_seconds"])

@@ -125,3 +125,18 @@ def test_project_is_the_einsum_and_so_is_its_gradient(x_shape, w_shape, contract
   np.testing.assert_allclose(dw, np.einsum(f"{lhs},{out}->{rhs}", x, g), rtol=1e-5, atol=1e-5)
   with pytest.raises(AssertionError):
     project(jnp.float32(x), jnp.float32(w).swapaxes(0, -1), contract=contract)
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_attention_blocks_from_config_change_the_program_not_the_numbers(attention):
+  """model.attention_block_q/k reach the kernels (the traced program changes) and tile the
+  same attention: logits within 1e-5 of the backend's default tiles."""
+  toks = _tokens(t=48)
+  base = dataclasses.replace(TINY, attention=attention)
+  tiled = dataclasses.replace(base, attention_block_q=16, attention_block_k=8)
+  (l0, j0), (l1, j1) = ((Step1(c, rngs=nnx.Rngs(0))(toks), str(jax.make_jaxpr(
+      lambda t, c=c: Step1(c, rngs=nnx.Rngs(0))(t))(toks))) for c in (base, tiled))
+  assert j0 != j1
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="attention_block_q must be >= 0"):
+    dataclasses.replace(TINY, attention_block_q=-1)

@@ -50,6 +50,10 @@ class Step1Config:
   position_encoding: PositionEncoding = PositionEncoding.ALIBI_SQRT
   rope_theta: float = 10000.0
   attention: AttentionImpl = AttentionImpl.XLA
+  # Attention tiles: query rows per block (the pallas kernels and the xla path) and key rows
+  # per block (pallas); 0 takes the backend's default (kernels.DEFAULT_BLOCKS, XLA_QUERY_BLOCKS).
+  attention_block_q: int = 0
+  attention_block_k: int = 0
   remat: Remat = Remat.FULL
   scan_layers: bool = True
   param_dtype: DType = DType.FLOAT32
@@ -63,6 +67,10 @@ class Step1Config:
                  "init_std"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    for name in ("attention_block_q", "attention_block_k"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0 (0: the backend's default), got "
+                         f"{getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"

@@ -47,10 +47,18 @@ def resolve(implementation: str, backend: str) -> str:
   return implementation
 
 
+def _blocks(block_sizes: BlockSizes | None, backend: str) -> BlockSizes:
+  """block_sizes with its unset (0) fields taken from the backend's default."""
+  default = DEFAULT_BLOCKS.get(backend, DEFAULT_BLOCKS["cpu"])
+  if block_sizes is None:
+    return default
+  return BlockSizes(block_sizes.block_q or default.block_q, block_sizes.block_k or default.block_k)
+
+
 def _pallas(q, k, v, segment_ids, positions, bias, causal, shard, block_sizes, backend):
   n = q.shape[2]
   module = alibi_flash_gpu if backend == "gpu" else alibi_flash_tpu
-  blocks = block_sizes or DEFAULT_BLOCKS.get(backend, DEFAULT_BLOCKS["cpu"])
+  blocks = _blocks(block_sizes, backend)
 
   def kernel(q, k, v, slopes, segment_ids, positions):
     return module.flash_attention(
@@ -112,7 +120,8 @@ def attention(
   real token reads, could see); the xla path reads every slot.
   shard (the model's LogicalSharding): self-attention runs with the whole sequence and a share
   of the heads on each device (the pallas kernels per device), so a sequence-sharded model
-  (mesh.sequence) is all-to-all'ed in and out; block_sizes overrides the per-backend tiles.
+  (mesh.sequence) is all-to-all'ed in and out; block_sizes overrides the per-backend tiles
+  (a 0 field keeps the default).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])
@@ -156,8 +165,8 @@ def attention(
 def _dispatch(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions, bias, causal,
               impl, shard, block_sizes, backend):
   if impl == "xla":
-    query_block = (block_sizes.block_q if block_sizes
-                   else XLA_QUERY_BLOCKS.get(backend, XLA_QUERY_BLOCKS["tpu"]))
+    query_block = ((block_sizes and block_sizes.block_q)
+                   or XLA_QUERY_BLOCKS.get(backend, XLA_QUERY_BLOCKS["tpu"]))
     return xla_attention(q, k, v, q_segment_ids=q_segment_ids, q_positions=q_positions,
                          kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, bias=bias,
                          causal=causal, query_block=query_block)

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from stepaudio_jax import kernels
 from stepaudio_jax.config.model import PositionEncoding, Step1Config
-from stepaudio_jax.kernels.layout import default_segments
+from stepaudio_jax.kernels.layout import BlockSizes, default_segments
 from stepaudio_jax.models.kv_cache import KVCache
 from stepaudio_jax.models.linear import project
 from stepaudio_jax.models.positional import apply_rope
@@ -105,8 +105,8 @@ class Block(nnx.Module):
       ctx_BTNH = kernels.attention(
           q_BTNH, k_BSKH, v_BSKH, q_segment_ids=segment_ids, q_positions=positions,
           kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, kv_length=kv_length,
-          bias=bias, causal=True,
-          implementation=cfg.attention.value, shard=self.shard,
+          bias=bias, causal=True, implementation=cfg.attention.value, shard=self.shard,
+          block_sizes=BlockSizes(cfg.attention_block_q, cfg.attention_block_k),
       )
       ctx_BTNH = checkpoint_name(ctx_BTNH, "attention_context")
       x_BTD = x_BTD + project(ctx_BTNH, self.wo[...].astype(cd), contract=2)

@@ -42,6 +42,13 @@ LIBTPU_OFF_TPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"
                   "TPU_ACCELERATOR_TYPE": "v5p-8"}
 
 
+# The programs whose cost is read: XLA would turn large FSDP matmuls into collective matmuls
+# (windowed einsum: while loops of collective-permutes), whose bodies the cost model counts
+# once; with them off the gathers are whole and every FLOP is counted.
+COSTED_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                  "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
 class DoesNotFit(ConfigError):
   """The step needs more HBM per chip than the topology has."""
 
@@ -119,11 +126,12 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   return list(topo.devices)
 
 
-def _compile(cfg: RunConfig, devices: Sequence) -> tuple[object, object]:
+def _compile(cfg: RunConfig, devices: Sequence,
+             options: dict | None = None) -> tuple[object, object]:
   """(setup, compiled train step); an HBM overflow becomes DoesNotFit with what to change."""
   run = setup(cfg, devices)
   try:
-    return run, run.train.lower(run.abstract_state, run.batch).compile()
+    return run, run.train.lower(run.abstract_state, run.batch).compile(compiler_options=options)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -174,19 +182,20 @@ def _at_depth(cfg: RunConfig, num_layers: int) -> RunConfig:
 def estimate_step_time(cfg: RunConfig, topology: str, num_slices: int = 1,
                        depths: tuple[int, int] = (1, 2)) -> StepTimeEstimate:
   """XLA's estimated step time; a scanned model is compiled unrolled at two depths and the
-  figures extrapolated linearly to model.num_layers (a scanned layer is counted once)."""
+  figures extrapolated linearly to model.num_layers (a scanned layer is counted once), with
+  collective matmuls off (COSTED_OPTIONS)."""
   devices = tpu_devices(topology, num_slices)
   n_layers, accum = cfg.model.num_layers, cfg.train.grad_accum_steps
   if not cfg.model.scan_layers and accum == 1:
-    run, compiled = _compile(cfg, devices)
+    run, compiled = _compile(cfg, devices, COSTED_OPTIONS)
     flops, seconds, loops = _cost(compiled)
     used = None
   else:
     lo, hi = depths
     if not 0 < lo < hi:
       raise ConfigError(f"estimate depths must be 0 < lo < hi, got {depths}")
-    (f_lo, s_lo, _), (f_hi, s_hi, loops) = (_cost(_compile(_at_depth(cfg, d), devices)[1])
-                                             for d in depths)
+    (f_lo, s_lo, _), (f_hi, s_hi, loops) = (
+        _cost(_compile(_at_depth(cfg, d), devices, COSTED_OPTIONS)[1]) for d in depths)
     scale = (n_layers - lo) / (hi - lo)
     flops = accum * (f_lo + (f_hi - f_lo) * scale)
     seconds = accum * (s_lo + (s_hi - s_lo) * scale)
