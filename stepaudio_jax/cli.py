@@ -53,7 +53,7 @@ def _compile(args) -> int:
     print(f"stepaudio compile: error: {report.bytes_per_chip / gib:.2f} GiB per chip exceed the "
           f"{report.hbm_per_chip / gib:.0f} GiB of HBM; lower the rows per chip "
           "(train.batch_size / train.grad_accum_steps), remat more (model.remat) or shard more "
-          "(mesh.tensor)", file=sys.stderr)
+          "(mesh.tensor, mesh.sequence)", file=sys.stderr)
     return 1
   if args.no_estimate:
     return 0

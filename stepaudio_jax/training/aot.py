@@ -138,7 +138,7 @@ def _compile(cfg: RunConfig, devices: Sequence,
     raise DoesNotFit(
         f"the train step does not fit in HBM on {len(devices)} chips: {str(e).splitlines()[0]}; "
         "lower the rows per chip (train.batch_size / train.grad_accum_steps), remat more "
-        "(model.remat=full) or shard more (mesh.tensor)") from e
+        "(model.remat=full) or shard more (mesh.tensor, mesh.sequence)") from e
 
 
 def _cost(compiled) -> tuple[float, float, int]:
