@@ -52,6 +52,10 @@ TPU_ROWS = (
     ("configs/step_omni_130b_v5p.yaml", [], "v5p:8x8x8"),
     # 1,024 chips, 512 rows: every chip needs half a row, split by tensor (or mesh.sequence)
     ("configs/step_omni_130b_v5p.yaml", ["mesh.fsdp=512", "mesh.tensor=2"], "v5p:8x8x16"),
+    # 32k context, 64 rows: 8 chips per row, whose residual stream only mesh.sequence splits
+    ("configs/step_omni_130b_v5p.yaml", ["train.seq_len=32768", "train.batch_size=64",
+                                         "model.max_seq_len=32768", "mesh.fsdp=64",
+                                         "mesh.sequence=4", "mesh.tensor=2"], "v5p:8x8x8"),
     ("configs/model/step-audio-tts-3b.yaml",
      ["train.batch_size=64", "model.attention=pallas", "model.remat=save_mlp"], "v5p:2x2x2"),
     ("configs/model/step-audio-tts-3b.yaml",  # 1 row per chip: gathered weights, no loops
