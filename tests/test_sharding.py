@@ -104,6 +104,13 @@ def test_sequence_axis_must_divide_the_kv_heads():
     setup(cfg)
 
 
+def test_sequence_axis_must_divide_the_sequence_length():
+  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=4", "mesh.sequence=2", "train.seq_len=127"])
+  with pytest.raises(ValueError, match=r"batch field 'tokens' of shape \(8, 127\) .*"
+                                       r"train.seq_len.*size 127.*\('sequence',\) \(size 2\)"):
+    setup(cfg)
+
+
 def test_unknown_logical_axis_rule():
   cfg = load_config("configs/tiny.yaml")
   shard = LogicalSharding.create(make_mesh(cfg.mesh), {"embed": ["fsdp"]})

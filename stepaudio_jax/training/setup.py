@@ -78,7 +78,8 @@ def setup(cfg: RunConfig, devices: Sequence[jax.Device] | None = None,
                           shapes, shardings)
   batch = {}
   for name, field in task.batch_fields().items():
-    shard.check_divides(f"batch field {name!r} (train.batch_size={field.shape[0]})", field.shape,
+    shard.check_divides(f"batch field {name!r} of shape {tuple(field.shape)} (rows: "
+                        f"train.batch_size={field.shape[0]}; tokens: train.seq_len)", field.shape,
                         field.axes)
     batch[name] = jax.ShapeDtypeStruct(field.shape, np.dtype(field.dtype),
                                        sharding=shard.named(field.axes))
