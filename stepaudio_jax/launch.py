@@ -40,11 +40,17 @@ MODES = ("auto", "on", "off")
 ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
 
 
+def has_accelerator() -> bool:
+  """Whether this host has a TPU or NVIDIA GPU device file (without asking JAX, which would
+  initialise its backends)."""
+  return any(glob.glob(p) for p in ACCELERATOR_DEVICES)
+
+
 def prefer_cpu_without_accelerators(environ=os.environ) -> None:
   """With no accelerator on the host, keep JAX on the CPU backend (unless JAX_PLATFORMS says
   otherwise): the TPU runtime that the test extra installs (for AOT compiles) would otherwise
   initialise and print errors about missing TPU hosts. Call before importing jax."""
-  if "JAX_PLATFORMS" not in environ and not any(glob.glob(p) for p in ACCELERATOR_DEVICES):
+  if "JAX_PLATFORMS" not in environ and not has_accelerator():
     environ["JAX_PLATFORMS"] = "cpu"
 
 

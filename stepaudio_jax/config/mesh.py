@@ -48,8 +48,9 @@ class MeshConfig:
 
   On several slices (TPU multislice) or nodes, dcn_data and dcn_fsdp say how many ways of that
   axis go across them over the data-center network (DCN); the rest of each axis stays within a
-  slice on ICI (parallel/mesh.py builds the hybrid mesh). Their product must be the number of slices (or processes, where devices have
-  no slice index, as on GPU clusters); 1 and 1: the plain reshape of the device list.
+  slice on ICI (parallel/mesh.py builds the hybrid mesh). Their product must be the number of
+  slices (or processes, where devices have no slice index, as on GPU clusters); 1 and 1: the
+  plain reshape of the device list.
   """
 
   data: int = 1

@@ -3,9 +3,10 @@
 pallas_call cannot be partitioned by XLA, so each device runs the kernel on its own batch rows
 and heads. Self-attention runs in the attention layout (ATTENTION_Q/KV): every device holds the
 whole sequence of its share of the heads, so a sequence-sharded model (mesh.sequence) reaches
-it by one all-to-all per tensor (DeepSpeed-Ulysses) and the kernel never sees a sequence split. Contiguous GQA groups survive head sharding when query and kv heads are split the
-same number of ways: device d holds query heads d*N/D.. and kv heads d*K/D.., and h // G still
-maps one onto the other. The slopes are an input sharded like the heads for the same reason.
+it by one all-to-all per tensor (DeepSpeed-Ulysses) and the kernel never sees a sequence split.
+Contiguous GQA groups survive head sharding when query and kv heads are split the same number
+of ways: device d holds query heads d*N/D.. and kv heads d*K/D.., and h // G still maps one
+onto the other. The slopes are an input sharded like the heads for the same reason.
 """
 
 from collections.abc import Callable

@@ -27,9 +27,9 @@ def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The (data, fsdp, sequence, tensor) mesh. With mesh.dcn_* > 1 a hybrid mesh: each slice (or process)
-  holds a contiguous ICI block of every axis, and the dcn ways of data and fsdp step across
-  slices; otherwise the device list reshaped in order."""
+  """The (data, fsdp, sequence, tensor) mesh. With mesh.dcn_* > 1 a hybrid mesh: each slice (or
+  process) holds a contiguous ICI block of every axis, and the dcn ways of data and fsdp step
+  across slices; otherwise the device list reshaped in order."""
   devices = list(devices if devices is not None else jax.devices())
   if cfg.dcn_ways == 1:
     grid = np.asarray(devices).reshape(tuple(cfg.shape(len(devices)).values()))

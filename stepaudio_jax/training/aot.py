@@ -11,7 +11,6 @@ few milliseconds of memory traffic: the estimate errs slow by that much).
 """
 
 import dataclasses
-import glob
 import os
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 
 from stepaudio_jax.config import ConfigError, RunConfig
-from stepaudio_jax.launch import ACCELERATOR_DEVICES
+from stepaudio_jax.launch import has_accelerator
 from stepaudio_jax.models import flops as flops_lib
 from stepaudio_jax.training.setup import setup
 
@@ -113,7 +112,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   """Device descriptions of a TPU slice such as 'v5p:8x8x8' (4 chips per host)."""
   chip(topology)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling touches no chip
-  if not any(glob.glob(p) for p in ACCELERATOR_DEVICES):
+  if not has_accelerator():
     # No TPU here: tell libtpu so, or it asks the (absent) metadata server for the worker
     # hostnames and accelerator type and logs errors; the topology below is explicit anyway.
     for name, value in LIBTPU_OFF_TPU.items():
