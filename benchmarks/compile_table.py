@@ -27,8 +27,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.models import flops as flops_lib
+from stepaudio_jax.tasks.registry import load_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import json
 import jax, jax.numpy as jnp
 import orbax.checkpoint as ocp
-from stepaudio_jax.config import dump_config, load_config
+from stepaudio_jax.config import dump_config
 from stepaudio_jax.parallel.mesh import LogicalSharding, logical_axes, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 run, overrides = sys.argv[1], json.loads(sys.argv[3])
 cfg = load_config(sys.argv[4], overrides, num_devices=jax.device_count())
 dump_config(cfg, os.path.join(run, "config.yaml"))

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from train_step import compile_step, host_batch, llama_step, torch_skip_reason
 
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 
 PARTS = ("attention core", "q/k/v/o projections", "mlp", "norms", "embedding",
          "lm head + loss", "optimizer + clipping", "other")

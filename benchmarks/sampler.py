@@ -41,10 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stepaudio_jax.config import load_config  # noqa: E402
 from stepaudio_jax.inference import decode  # noqa: E402
 from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler  # noqa: E402
 from stepaudio_jax.models.step1 import Step1  # noqa: E402
+from stepaudio_jax.tasks.registry import load_config  # noqa: E402
 
 # HBM bandwidth per chip, bytes/s, from the vendors' spec sheets; the first prefix that matches
 # jax.devices()[0].device_kind wins.

@@ -49,10 +49,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stepaudio_jax.config import load_config  # noqa: E402
 from stepaudio_jax.config.model import PositionEncoding  # noqa: E402
-from stepaudio_jax.data.synthetic import TRAIN_SPLIT, SyntheticSource  # noqa: E402
+from stepaudio_jax.data.synthetic import SyntheticSource, TRAIN_SPLIT  # noqa: E402
 from stepaudio_jax.models import flops as flops_lib  # noqa: E402
+from stepaudio_jax.tasks.registry import load_config  # noqa: E402
 from stepaudio_jax.training.progress import measure_matmul_peak  # noqa: E402
 from stepaudio_jax.training.setup import setup  # noqa: E402
 

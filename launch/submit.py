@@ -64,7 +64,7 @@ def tpu_chips(accelerator_type: str) -> tuple[str, int]:
 def check_config(config: str, overrides: Sequence[str], devices: int, granules: int):
   """Load the run config and check its mesh and batch fit `devices` in `granules` slices (or
   nodes); returns the config."""
-  from stepaudio_jax.config import load_config
+  from stepaudio_jax.tasks.registry import load_config
 
   try:
     cfg = load_config(config, list(overrides))

@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def step0_params(config: str, *overrides: str) -> dict:
   """The parameters a run of `config` starts from (after checkpoint.init_from), as host arrays."""
-  from stepaudio_jax.config import load_config
   from stepaudio_jax.tasks.base import Split
+  from stepaudio_jax.tasks.registry import load_config
   from stepaudio_jax.training.checkpoint import Checkpointer
   from stepaudio_jax.training.setup import setup
   from stepaudio_jax.training.trainer import initial_state

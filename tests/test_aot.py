@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed: pip install 'jax[tpu]' (extra: tpu)")
 
-from stepaudio_jax.config import load_config  # noqa: E402
+from stepaudio_jax.tasks.registry import load_config  # noqa: E402
 from stepaudio_jax.training.aot import compile_train_step  # noqa: E402
 
 

@@ -5,12 +5,12 @@ Python edit distance over the clips."""
 import numpy as np
 import pytest
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.data.loader import RecordSource, resolve_shards
 from stepaudio_jax.data.records import decode_checked
 from stepaudio_jax.data.templates import asr_prompt, render, template_context
 from stepaudio_jax.experiments.asr import asr_cer
 from stepaudio_jax.export.score import load_lm
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 
 CLIPS, NEW = 3, 6

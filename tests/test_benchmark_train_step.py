@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.models.flops import train_step_flops
+from stepaudio_jax.tasks.registry import load_config
 
 NUMBERS = ("tokens_per_s", "achieved_flops", "matmul_peak_flops", "mfu_vs_measured_peak",
            "compiled_peak_bytes", "analytic_bytes", "step_seconds", "step_flops")

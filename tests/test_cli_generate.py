@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 from stepaudio_jax import cli
-from stepaudio_jax.config import load_config
 from stepaudio_jax.data.tokenizer import BYTE_OFFSET
 from stepaudio_jax.export.score import load_lm
 from stepaudio_jax.inference.decode import left_pad
 from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 

@@ -20,8 +20,8 @@ from test_step1 import TINY as STEP1_TINY
 from test_step1 import _loss_and_grads
 
 from stepaudio_jax import cli
-from stepaudio_jax.config import load_config
 from stepaudio_jax.launch import has_accelerator
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import aot
 
 GOLDEN = os.path.join(REPO, "tests", "golden", "step_omni_130b_v5p_shardings.json")

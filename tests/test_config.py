@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from stepaudio_jax.config import ConfigError, dump_config, load_config
+from stepaudio_jax.config import ConfigError, dump_config
+from stepaudio_jax.tasks.registry import load_config
 
 
 def _write(tmp_path, name, text):
@@ -28,12 +29,11 @@ def test_public_model_configs_carry_the_published_numbers():
 
 
 def test_inheritance_and_overrides(tmp_path):
-  base = _write(tmp_path, "base.yaml", "model:\n  num_layers: 3\n  hidden_size: 64\n")
+  _write(tmp_path, "base.yaml", "model:\n  num_layers: 3\n  hidden_size: 64\n")
   child = _write(tmp_path, "child.yaml", "base: base.yaml\nmodel:\n  num_layers: 5\n")
   cfg = load_config(child, ["train.steps=7", "model.remat=save_dots"])
   assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps) == (5, 64, 7)
   assert cfg.model.remat.value == "save_dots"
-  assert base
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -126,18 +126,39 @@ def test_grain_eval_needs_held_out_shards():
   assert load_config("configs/corpus.yaml", ["data.eval_shards.text=[]", "train.eval_every=0"])
 
 
-def test_a_run_config_from_an_earlier_version_still_loads(tmp_path, caplog):
-  """Retired keys (here data.eval_seed_offset, before eval read held-out shards) are dropped
-  with a warning that says what replaced them."""
-  cfg = load_config("configs/tiny.yaml")
+def test_a_section_of_another_task_is_refused(tmp_path):
+  """`ppo.kl_coef` on a pretraining run would be silently ignored; it names its task instead."""
+  with pytest.raises(ConfigError, match=r"command line: section 'ppo' belongs to task ppo, not "
+                                        r"to this run's task 'pretrain'.*set task=ppo"):
+    load_config("configs/tiny.yaml", ["ppo.kl_coef=0.1"])
+  path = _write(tmp_path, "sft.yaml", "base: " + os.path.abspath("configs/sft/corpus_tts.yaml")
+                + "\nvocoder:\n  segment: 4096\n")
+  with pytest.raises(ConfigError, match=r"sft.yaml: section 'vocoder' belongs to task vocoder"):
+    load_config(path)
+  with pytest.raises(ConfigError, match=r"unknown section 'trian'; a pretrain run reads \[.*"
+                                        r"'train'"):
+    load_config("configs/tiny.yaml", ["trian.steps=3"])
+
+
+def test_lm_checks_belong_to_the_lm_tasks():
+  """The vocabulary check refuses an LM config; a vocoder run has no LM, so no LM check runs."""
+  with pytest.raises(ConfigError, match="model.vocab_size=10 is below"):
+    load_config("configs/tiny.yaml", ["model.vocab_size=10"])
+  cfg = load_config("configs/speech/vocoder_tiny.yaml", ["model.vocab_size=10",
+                                                          "model.max_seq_len=8"])
+  assert cfg.train.seq_len > cfg.model.max_seq_len  # another LM check, not run either
+  assert sorted(cfg.sections) == ["mel", "speech_data", "vocoder"]
+
+
+def test_a_task_section_is_read_as_an_attribute_and_dumped_at_the_top_level(tmp_path):
+  cfg = load_config("configs/ppo/corpus.yaml", ["ppo.kl_coef=0.125"])
+  assert cfg.ppo.kl_coef == 0.125 and list(cfg.sections) == ["ppo"]
+  with pytest.raises(AttributeError, match="task 'ppo' has no section 'flow'"):
+    _ = cfg.flow
   out = str(tmp_path / "config.yaml")
   dump_config(cfg, out)
-  text = open(out).read().replace("data:\n", "data:\n  eval_seed_offset: 1000003\n", 1)
-  with open(out, "w") as f:
-    f.write(text)
-  with caplog.at_level("WARNING"):
-    assert load_config(out) == cfg
-  assert "ignoring data.eval_seed_offset" in caplog.text and "eval_shards" in caplog.text
+  assert "\nppo:\n" in open(out).read() and "sections" not in open(out).read()
+  assert load_config(out) == cfg
 
 
 def test_input_paths_resolve_against_the_config_file(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 
 

@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from stepaudio_jax.config import ConfigError, load_config
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.data import TASKS
 from stepaudio_jax.data import shares
 from stepaudio_jax.data.loader import GrainLoader, RecordSource, resolve_shards
 from stepaudio_jax.data.records import decode_checked
 from stepaudio_jax.data.templates import TemplateContext, render
 from stepaudio_jax.data.tokenizer import make_tokenizer
+from stepaudio_jax.tasks.registry import load_config
 from tests.conftest import REPO
 
 CORPUS = os.path.join(REPO, "data_pipelines", "corpus")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from test_resume import FAST, TINY
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.data import DataConfig, StageConfig
 from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.fake import write_fake_shards
 from stepaudio_jax.data.loader import GrainLoader
 from stepaudio_jax.data.records import Example, write_shard
 from stepaudio_jax.tasks import pretrain
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint import CheckpointError
 from stepaudio_jax.training.trainer import train
 

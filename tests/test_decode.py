@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.inference import decode
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.parallel.mesh import LogicalSharding, logical_axes, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 
 TINY = load_config("configs/tiny.yaml").model  # fp32, 4 query heads on 2 kv heads, remat, scan
 CASES = {

@@ -18,7 +18,6 @@ import pytest
 from flax import nnx
 
 from stepaudio_jax import kernels
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.inference import decode
 from stepaudio_jax.kernels import decode_gpu, decode_tpu
@@ -26,6 +25,7 @@ from stepaudio_jax.kernels.alibi import alibi_slopes
 from stepaudio_jax.kernels.reference import xla_attention
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.parallel.mesh import LogicalSharding, logical_axes, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 
 KERNELS = {"tpu": decode_tpu.decode_attention, "gpu": decode_gpu.decode_attention}
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}

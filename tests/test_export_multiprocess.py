@@ -19,7 +19,8 @@ import jax
 port, pid, run_dir, out_dir, config = sys.argv[1:6]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 from stepaudio_jax import cli
-from stepaudio_jax.config import dump_config, load_config
+from stepaudio_jax.config import dump_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint import Checkpointer
 from stepaudio_jax.training.setup import setup
 

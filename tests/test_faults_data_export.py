@@ -18,7 +18,7 @@ import pytest
 from array_record.python import array_record_module
 
 from stepaudio_jax import cli
-from stepaudio_jax.config import dump_config, load_config
+from stepaudio_jax.config import dump_config
 from stepaudio_jax.config.data import DataConfig, StageConfig
 from stepaudio_jax.data.fake import write_fake_shards
 from stepaudio_jax.data.loader import GrainLoader
@@ -27,6 +27,7 @@ from stepaudio_jax.export.exporter import export_checkpoint
 from stepaudio_jax.export.orbax_reader import ExportError
 from stepaudio_jax.export.safetensors_io import SafetensorsDir, TensorPlan, write_file
 from stepaudio_jax.export.score import score
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 from tests.test_data_pipeline import LAYOUT, VISION, _hash

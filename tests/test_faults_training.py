@@ -19,9 +19,9 @@ import portpicker
 import pytest
 
 from stepaudio_jax import cli
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import loop, trainer
-from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError
+from stepaudio_jax.training.checkpoint import CheckpointError, Checkpointer
 from stepaudio_jax.training.setup import setup
 from tests.conftest import REPO
 

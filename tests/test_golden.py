@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 

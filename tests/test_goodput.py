@@ -13,7 +13,7 @@ import jax
 import portpicker
 import pytest
 
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import goodput, loop, trainer
 from tests.conftest import REPO
 

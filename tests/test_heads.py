@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.models.heads import ScalarHead
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.parallel.mesh import logical_axes
+from stepaudio_jax.tasks.registry import load_config
 
 TINY = load_config("configs/tiny.yaml").model
 

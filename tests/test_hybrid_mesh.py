@@ -4,9 +4,10 @@
 import numpy as np
 import pytest
 
-from stepaudio_jax.config import ConfigError, load_config
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.parallel.mesh import make_mesh
+from stepaudio_jax.tasks.registry import load_config
 
 
 def test_dcn_ways_must_divide_their_axis_and_match_the_slices():

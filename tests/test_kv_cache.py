@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.inference.decode import left_pad
 from stepaudio_jax.models.kv_cache import KVCache
 from stepaudio_jax.models.omni import StepOmni
+from stepaudio_jax.tasks.registry import load_config
 
 CFG = load_config("configs/tiny.yaml")  # vision on: 16 patch features per 16 px image
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.models.omni import StepOmni, expand_vocabulary, place_image_features
 from stepaudio_jax.models.step1 import Step1
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.setup import setup
 
 CFG = load_config("configs/tiny.yaml", ["mesh.fsdp=1"])

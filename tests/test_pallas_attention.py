@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from stepaudio_jax import kernels
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.kernels import alibi_flash_gpu, alibi_flash_tpu
@@ -24,6 +23,7 @@ from stepaudio_jax.kernels.dense_bias import dense_bias_attention
 from stepaudio_jax.kernels.layout import BlockSizes
 from stepaudio_jax.kernels.reference import xla_attention
 from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.setup import setup
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}

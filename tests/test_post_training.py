@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stepaudio_jax.config import load_config
-from stepaudio_jax.config.tasks import KLEstimator
-from stepaudio_jax.data.records import PREFERENCE, Example, write_shard
+from stepaudio_jax.data.records import Example, PREFERENCE, write_shard
 from stepaudio_jax.data.source import BatchSource, process_rows
 from stepaudio_jax.tasks import ppo
 from stepaudio_jax.tasks.base import Split
+from stepaudio_jax.tasks.ppo import KLEstimator
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.tasks.reward import RewardTask, bradley_terry
 from stepaudio_jax.training.setup import setup
 from stepaudio_jax.training.trainer import train

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.experiments.report import ReportError, load_run, write_report
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 
 TYPES = ("text", "audio_linguistic", "audio_semantic", "image_caption")

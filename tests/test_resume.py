@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from stepaudio_jax.config import load_config
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_resume_onto_another_mesh(tmp_path):
   full, _ = _train(tmp_path / "full", f"train.steps={2 * K}", *mesh8)
   _train(tmp_path / "cut", f"train.steps={K}", *mesh8)
   script = ("import json, sys\n"
-            "from stepaudio_jax.config import load_config\n"
+            "from stepaudio_jax.tasks.registry import load_config\n"
             "from stepaudio_jax.training.trainer import train\n"
             f"print(json.dumps(train(load_config({TINY!r}, sys.argv[1:]))))\n")
   proc = subprocess.run(

@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.mesh import MeshConfig
 from stepaudio_jax.config.model import DType
-from stepaudio_jax.inference import decode
-from stepaudio_jax.inference import sampler as S
+from stepaudio_jax.inference import decode, sampler as S
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.parallel.mesh import LogicalSharding, logical_axes, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 from tests.conftest import REPO
 
 TINY = load_config("configs/tiny.yaml").model  # fp32 compute, init_std 0.02

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.data.synthetic import SyntheticSource
 from stepaudio_jax.parallel.mesh import LogicalSharding, make_mesh
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import step as step_lib
 from stepaudio_jax.training.setup import setup
 

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from stepaudio_jax.audio.codes import interleave_codes
-from stepaudio_jax.data.speech_pairs import load_pairs
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.speech import FlowConfig, MelConfig
+from stepaudio_jax.data.speech_pairs import load_pairs
 from stepaudio_jax.models.flow import FlowModel, cosine_times, regulate, solve
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 

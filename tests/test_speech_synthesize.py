@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from stepaudio_jax.experiments.synthesize import codes_from_tokens, split_tags
 from stepaudio_jax.cli import main
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.model import TokenLayout
+from stepaudio_jax.experiments.synthesize import codes_from_tokens, split_tags
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.models.speech_layers import ConvTranspose1d
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.tasks.vocoder import discriminator_loss, generator_losses
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO

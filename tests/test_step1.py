@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.model import Step1Config
 from stepaudio_jax.models.linear import project
 from stepaudio_jax.models.step1 import Step1
+from stepaudio_jax.tasks.registry import load_config
 
 TINY = Step1Config(vocab_size=96, hidden_size=32, num_layers=3, num_heads=6, num_kv_heads=2,
                    head_dim=8, intermediate_size=48, max_seq_len=64, compute_dtype="float32",

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from stepaudio_jax.config import ConfigError, load_config
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.experiments.sweep import command, load_spec
+from stepaudio_jax.tasks.registry import load_config
 from tests.conftest import REPO
 
 TINY = os.path.join(REPO, "configs", "tiny.yaml")

@@ -1,9 +1,10 @@
 """The generic step, state, setup and loop with a task defined here and nowhere else.
 
 `ToyGan` has three models (a generator and a discriminator that train, a frozen reference), two
-alternating updates per step (discriminator, then generator), a stochastic loss and its own
-batch field: what a GAN vocoder, flow matching or PPO needs from the core, at toy size. It is
-checked against the same step written out by hand in plain JAX + optax, then trained, evaluated,
+alternating updates per step (discriminator, then generator), a stochastic loss, its own
+batch field and its own config section (`toy_gan:`, registered from this file): what a GAN
+vocoder, flow matching or PPO needs from the core, at toy size. It is checked against the same
+step written out by hand in plain JAX + optax, then loaded from YAML, trained, evaluated,
 checkpointed and resumed by the real trainer.
 """
 
@@ -18,11 +19,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from stepaudio_jax.config import TASK_REGISTRY, ConfigError, load_config
+from stepaudio_jax.config import ConfigError
+from stepaudio_jax.config.fields import input_path
 from stepaudio_jax.config.training import OptimizerConfig
 from stepaudio_jax.data.source import BatchSource, process_rows
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
-from stepaudio_jax.tasks.registry import task_class
+from stepaudio_jax.tasks.registry import load_config, register_task, task_class, task_names
 from stepaudio_jax.training import state as state_lib
 from stepaudio_jax.training.optimizer import Optimizer, make_optimizer
 from stepaudio_jax.training.setup import setup
@@ -43,18 +45,41 @@ class Affine(nnx.Module):
     return x @ self.w[...] + self.b[...][None]
 
 
+@dataclasses.dataclass(frozen=True)
+class ToyGanConfig:
+  """The `toy_gan` section: known to the loader only through ToyGan.sections."""
+
+  generator_lr: float = 1e-2
+  discriminator_lr: float = 3e-3
+  center: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
+  notes: str = input_path(default="")  # not read: shows a path resolved against its file
+
+  def __post_init__(self):
+    if self.generator_lr <= 0 or self.discriminator_lr <= 0:
+      raise ValueError("toy_gan.generator_lr and discriminator_lr must be positive")
+
+
 class ToyGan(Task):
   """Generator maps noise to points; the discriminator scores points; `reference` is frozen."""
 
   progress_keys = ("discriminator/loss", "generator/loss")
+  sections = {"toy_gan": ToyGanConfig}
   G_OPT = OptimizerConfig(learning_rate=1e-2, schedule="constant", embed_lr_multiplier=1,
                           weight_decay=0.0, grad_clip_norm=0)
   D_OPT = dataclasses.replace(G_OPT, learning_rate=3e-3)
 
+  @classmethod
+  def check_config(cls, cfg):
+    if len(cfg.toy_gan.center) != DIM:
+      raise ValueError(f"toy_gan.center needs {DIM} values, got {len(cfg.toy_gan.center)}")
+
   def models(self):
+    opts = self.cfg.toy_gan
+    g_opt = dataclasses.replace(self.G_OPT, learning_rate=opts.generator_lr)
+    d_opt = dataclasses.replace(self.G_OPT, learning_rate=opts.discriminator_lr)
     return {
-        "generator": Model(lambda rngs: Affine(DIM, DIM, rngs=rngs), optimizer=self.G_OPT),
-        "discriminator": Model(lambda rngs: Affine(DIM, 1, rngs=rngs), optimizer=self.D_OPT),
+        "generator": Model(lambda rngs: Affine(DIM, DIM, rngs=rngs), optimizer=g_opt),
+        "discriminator": Model(lambda rngs: Affine(DIM, 1, rngs=rngs), optimizer=d_opt),
         "reference": Model(lambda rngs: Affine(DIM, DIM, rngs=rngs), trainable=nnx.Nothing),
     }
 
@@ -84,17 +109,22 @@ class ToyGan(Task):
             Update(("generator",), self.g_loss, "generator", "rows"))
 
   def make_source(self, split):
-    return PointSource(self.cfg.train.batch_size, 1 if split == Split.EVAL else 0)
+    return PointSource(self.cfg.train.batch_size, 1 if split == Split.EVAL else 0,
+                       self.cfg.toy_gan.center)
+
+
+register_task("toy_gan", ToyGan)
 
 
 class PointSource(BatchSource):
-  """Rows are a pure function of (split, step, row): a Gaussian blob around (1, 2, 3, 4)."""
+  """Rows are a pure function of (split, step, row): a Gaussian blob around `center`."""
 
-  def __init__(self, global_batch: int, split: int):
+  def __init__(self, global_batch: int, split: int, center=(1.0, 2.0, 3.0, 4.0)):
     self.global_batch, self.split, self.step = global_batch, split, 0
+    self.center = np.asarray(center)
 
   def next_local(self):
-    rows = [np.random.default_rng([self.split, self.step, r]).normal(size=DIM) + np.arange(1, 5)
+    rows = [np.random.default_rng([self.split, self.step, r]).normal(size=DIM) + self.center
             for r in process_rows(self.global_batch)]
     self.step += 1
     return {"real": np.stack(rows).astype(np.float32)}
@@ -107,7 +137,8 @@ class PointSource(BatchSource):
 
 
 def _cfg(tmp_path, *overrides):
-  return load_config(TINY, [f"train.run_dir={tmp_path}", "train.peak_flops_per_device=1e12",
+  return load_config(TINY, ["task=toy_gan", f"train.run_dir={tmp_path}",
+                            "train.peak_flops_per_device=1e12",
                             "train.log_every=1", "mesh.data=2", "mesh.fsdp=4", *overrides])
 
 
@@ -144,7 +175,7 @@ def _hand_written_step(params, frozen, opt_state, rng, step, real):
 
 
 def test_alternating_updates_equal_the_hand_written_step(tmp_path):
-  run = setup(_cfg(tmp_path, "train.steps=10"), task=ToyGan, donate=False)
+  run = setup(_cfg(tmp_path, "train.steps=10"), donate=False)
   source = PointSource(8, 0)
   with jax.set_mesh(run.mesh):
     state = run.init()
@@ -170,8 +201,7 @@ def test_alternating_updates_equal_the_hand_written_step(tmp_path):
 
 def test_every_step_and_microbatch_draws_fresh_noise(tmp_path):
   """The same batch at steps 0 and 1 sees different noise; the same step replayed sees the same."""
-  run = setup(_cfg(tmp_path, "train.grad_accum_steps=2"), task=ToyGan,
-              donate=False)
+  run = setup(_cfg(tmp_path, "train.grad_accum_steps=2"), donate=False)
   with jax.set_mesh(run.mesh):
     state = run.init()
   batch = jax.device_put(PointSource(8, 0).next_local(), run.batch_shardings)
@@ -192,15 +222,13 @@ def test_trainer_runs_evaluates_checkpoints_and_resumes_any_task(tmp_path):
   common = ["checkpoint.every=2", "train.eval_every=2", "train.eval_batches=2"]
   lines = []
   full = train(_cfg(tmp_path / "full", "train.steps=4", *common),
-               print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))),
-               task=ToyGan)
+               print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))))
   assert [h["step"] for h in full] == [1, 2, 3, 4]
   assert sum(line.startswith("eval step") for line in lines) == 2
   assert any(line.startswith("step 4/4 discriminator/loss") for line in lines), lines
-  train(_cfg(tmp_path / "cut", "train.steps=2", *common), print_fn=lambda *a, **k: None,
-        task=ToyGan)
+  train(_cfg(tmp_path / "cut", "train.steps=2", *common), print_fn=lambda *a, **k: None)
   resumed = train(_cfg(tmp_path / "cut", "train.steps=4", *common),
-                  print_fn=lambda *a, **k: None, task=ToyGan)
+                  print_fn=lambda *a, **k: None)
   assert [h["step"] for h in resumed] == [3, 4]
   for a, b in zip(full[2:], resumed):
     assert a == b
@@ -241,10 +269,38 @@ def test_batch_fields_are_sharded_as_declared_not_by_rank(tmp_path):
 
 def test_task_is_chosen_by_config_and_unknown_names_are_refused(tmp_path):
   cfg = load_config(TINY, ["task=pretrain"])
-  assert all(issubclass(task_class(name), Task) for name in TASK_REGISTRY)
+  assert all(issubclass(task_class(name), Task) for name in task_names())
   assert type(setup(cfg).task).__name__ == "PretrainTask"
   yaml = tmp_path / "bad.yaml"
   yaml.write_text(f"base: {TINY}\ntask: dpo\n")
   with pytest.raises(ConfigError, match=r"task='dpo' is not a registered task; known tasks: "
                                         r"\[.*'pretrain'.*\].*task set in .*bad.yaml"):
     load_config(str(yaml))
+
+
+def test_a_task_defined_here_is_set_from_yaml(tmp_path):
+  """ToyGan's section is checked like a built-in one: values and types, unknown keys named with
+  their file, input paths against the file, the task's cross-section check; then it trains."""
+  text = (f"base: {TINY}\ntask: toy_gan\nmesh:\n  data: 2\n  fsdp: 4\n"
+          f"train:\n  run_dir: {tmp_path / 'run'}\n  steps: 2\n  log_every: 1\n"
+          "toy_gan:\n  discriminator_lr: 1.0e-3\n  center: [0, 0, 0, 5]\n"
+          "  notes: notes/toy.txt\n")
+  (tmp_path / "toy.yaml").write_text(text)
+  cfg = load_config(str(tmp_path / "toy.yaml"))
+  assert type(setup(cfg).task) is ToyGan
+  assert cfg.toy_gan == ToyGanConfig(discriminator_lr=1e-3, center=[0.0, 0.0, 0.0, 5.0],
+                                     notes=str(tmp_path / "notes" / "toy.txt"))
+  history = train(cfg, print_fn=lambda *a, **k: None)
+  assert history[-1]["learning_rate/discriminator"] == pytest.approx(1e-3)
+  assert history[-1]["learning_rate/generator"] == pytest.approx(1e-2)
+  (tmp_path / "typo.yaml").write_text(text + "  lr: 3\n")
+  with pytest.raises(ConfigError, match=r"typo.yaml: Key 'lr' not in 'ToyGanConfig'.*toy_gan.lr"):
+    load_config(str(tmp_path / "typo.yaml"))
+  with pytest.raises(ConfigError, match=r"command line.*toy_gan.generator_lr"):
+    load_config(str(tmp_path / "toy.yaml"), ["toy_gan.generator_lr=fast"])
+  with pytest.raises(ConfigError, match=r"toy_gan.center needs 4 values, got 2; "
+                                        r"toy_gan.center set in command line"):
+    load_config(str(tmp_path / "toy.yaml"), ["toy_gan.center=[1,2]"])
+  with pytest.raises(ConfigError, match=r"section 'toy_gan' belongs to task toy_gan, not to "
+                                        r"this run's task 'pretrain'"):
+    load_config(str(tmp_path / "toy.yaml"), ["task=pretrain"])

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stepaudio_jax.config import load_config
 from stepaudio_jax.data.synthetic import SyntheticSource
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import step as step_lib
 from stepaudio_jax.training.setup import setup
 from stepaudio_jax.training.trainer import train

@@ -8,7 +8,7 @@ may instead read a registered seqio Task (`seqio_task`, data/seqio_source.py).
 import dataclasses
 import enum
 
-from stepaudio_jax.config.fields import coerce_enums
+from stepaudio_jax.config.fields import coerce_enums, input_path
 
 # Record tasks: what an example on disk is (data/records.py), not the training task (`task:`).
 TASKS = ("text", "audio_continuation", "audio_text_interleaved", "asr", "tts", "image_text",
@@ -107,10 +107,10 @@ class StageConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: DataSource = DataSource.SYNTHETIC
-  shards: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # task -> globs
+  shards: dict[str, list[str]] = input_path(default_factory=dict)  # task -> globs
   # Held-out shards per task (e.g. the corpus' eval-* files) that train.eval_every reads; a
   # grain run with eval needs them for every task it mixes.
-  eval_shards: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  eval_shards: dict[str, list[str]] = input_path(default_factory=dict)
   stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])
   codebooks: Codebooks = Codebooks.DUAL  # single-codebook ablations: semantic | linguistic
   skip_malformed: bool = False  # skip + count bad records instead of stopping the run
@@ -120,7 +120,8 @@ class DataConfig:
   share_tolerance: float = 0.02
   accept_share_shortfall: bool = False  # train anyway (with a warning) when a share is unreachable
   workers: int = 0  # grain mp_prefetch worker processes per JAX process (0 = in-process)
-  tokenizer_model: str = ""  # sentencepiece model; "" = byte-level fallback tokenizer
+  # sentencepiece model; "" = byte-level fallback tokenizer
+  tokenizer_model: str = input_path(default="")
   asr_prompt: str = "Transcribe the speech."  # ASR system prompt
   # TTS system prompt; {speaker} comes from the example's metadata
   tts_prompt: str = "Speaker {speaker}; tags: emotion, language, dialect, style, speed."

@@ -2,6 +2,15 @@
 
 import dataclasses
 import enum
+from typing import Any
+
+INPUT_PATH = "input_path"
+
+
+def input_path(**field_args: Any) -> Any:
+  """A field holding input paths (a path, a list of globs, or a mapping of them): a config file
+  that sets it gives them relative to itself, as `base:` is (config/loading.py resolves them)."""
+  return dataclasses.field(metadata={INPUT_PATH: True}, **field_args)
 
 
 def coerce_enums(section) -> None:

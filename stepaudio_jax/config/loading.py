@@ -1,48 +1,30 @@
 """Loading configs: YAML files with inheritance and dotted overrides, checked by one schema.
 
 A YAML file may name its base (`base: ../base.yaml`, or a list of them, relative to the file);
-bases merge first, the file on top, then `key=value` overrides from the command line. OmegaConf
-checks every key and type against RunConfig (safe YAML only); each section's dataclass checks
-its own values, and `RunConfig` checks values across sections. Errors name the key and the file
-(or "command line") that set it.
+bases merge first, the file on top, then `key=value` overrides from the command line. The
+run's task (`task:`) adds its own sections to RunConfig's; OmegaConf checks every key and type
+against the two (safe YAML only), each section's dataclass checks its own values, and the task's
+`check_config` checks values across sections. Errors name the key and the file (or "command
+line") that set it.
 """
 
 import dataclasses
 import enum
-import logging
 import os
 import re
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stepaudio_jax.config.run import RunConfig
-
-log = logging.getLogger(__name__)
+from stepaudio_jax.config.fields import INPUT_PATH
+from stepaudio_jax.config.run import RunConfig, TaskCatalog
 
 BASE_KEY = "base"
-# Keys that configs written by earlier versions (e.g. a run's config.yaml) may hold; they are
-# dropped with a warning so old runs still load, and the reason says what replaced them.
-RETIRED_KEYS = {
-    ("data", "eval_seed_offset"): "eval reads the held-out data.eval_shards instead of "
-                                  "reshuffling the training shards",
-}
-
-
-# Input paths in a config file, resolved against that file's directory.
-PATH_KEYS = {
-    ("data", "shards"): "globs",
-    ("data", "eval_shards"): "globs",
-    ("data", "tokenizer_model"): "path",
-    ("checkpoint", "init_from"): "path",
-    ("reward", "stages"): "stages",
-    ("ppo", "prompts"): "list",
-    ("ppo", "policy_from"): "path",
-    ("ppo", "reward_from"): "path",
-    ("speech_data", "path"): "path",
-}
+TASK_KEY = "task"
+SECTIONS = "sections"  # RunConfig's field of task sections: they sit at the top level in YAML
 
 
 class ConfigError(ValueError):
@@ -64,14 +46,12 @@ def read_yaml(path: str) -> dict:
   return data
 
 
-def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-  """(source, mapping) pairs, bases first."""
+def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
+  """(source, directory, mapping) triples, bases first."""
   path = os.path.normpath(path)
   if path in seen:
     raise ConfigError(f"{path}: circular base chain {' -> '.join(seen + (path,))}")
   data = read_yaml(path)
-  _drop_retired(data, path)
-  _resolve_paths(data, os.path.dirname(path))
   bases = data.pop(BASE_KEY, [])
   bases = [bases] if isinstance(bases, str) else bases
   out = []
@@ -81,41 +61,42 @@ def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
       raise ConfigError(f"{path}: base {base!r} does not exist (looked for {base_path}; bases "
                         "are relative to the file that names them)")
     out += _layers(base_path, seen + (path,))
-  return out + [(path, data)]
+  return out + [(path, os.path.dirname(path), data)]
 
 
-def _resolve(value: str, directory: str) -> str:
-  if not value or "://" in value or os.path.isabs(value):
-    return value
-  return os.path.abspath(os.path.join(directory, value))
+def _resolve(value, directory: str):
+  """Paths in a string, a list or a mapping of them, made absolute against `directory`."""
+  if isinstance(value, str):
+    if not value or "://" in value or os.path.isabs(value):
+      return value
+    return os.path.abspath(os.path.join(directory, value))
+  if isinstance(value, list):
+    return [_resolve(v, directory) for v in value]
+  if isinstance(value, dict):
+    return {k: _resolve(v, directory) for k, v in value.items()}
+  return value
 
 
-def _resolve_paths(data: dict, directory: str) -> None:
-  """Input paths a file sets are relative to that file, as `base:` is (command-line ones stay
-  relative to the working directory); train.run_dir, an output, is always the latter."""
-  for (section, key), kind in PATH_KEYS.items():
-    node = data.get(section)
-    if not isinstance(node, dict) or node.get(key) is None:
+def _resolve_paths(schema: type, data, directory: str) -> None:
+  """Input paths a file sets (fields marked `input_path`) are relative to that file, as `base:`
+  is; command-line ones stay relative to the working directory; train.run_dir, an output, is
+  always the latter."""
+  if not isinstance(data, dict):
+    return
+  hints = typing.get_type_hints(schema)
+  for f in dataclasses.fields(schema):
+    if data.get(f.name) is None:
       continue
-    if kind == "globs" and isinstance(node[key], dict):
-      node[key] = {t: [_resolve(g, directory) for g in globs] if isinstance(globs, list) else
-                   globs for t, globs in node[key].items()}
-    elif kind == "path" and isinstance(node[key], str):
-      node[key] = _resolve(node[key], directory)
-    elif kind == "list" and isinstance(node[key], list):
-      node[key] = [_resolve(g, directory) for g in node[key]]
-    elif kind == "stages" and isinstance(node[key], list):
-      for stage in node[key]:
-        for k in ("shards", "eval_shards"):
-          if isinstance(stage, dict) and isinstance(stage.get(k), list):
-            stage[k] = [_resolve(g, directory) for g in stage[k]]
-
-
-def _drop_retired(data: dict, path: str) -> None:
-  for (section, key), why in RETIRED_KEYS.items():
-    if isinstance(data.get(section), dict) and key in data[section]:
-      del data[section][key]
-      log.warning("%s: ignoring %s.%s, no longer a setting: %s", path, section, key, why)
+    typ = hints[f.name]
+    if f.metadata.get(INPUT_PATH):
+      data[f.name] = _resolve(data[f.name], directory)
+    elif dataclasses.is_dataclass(typ):
+      _resolve_paths(typ, data[f.name], directory)
+    elif typing.get_origin(typ) is list and isinstance(data[f.name], list):
+      (item,) = typing.get_args(typ)
+      if dataclasses.is_dataclass(item):
+        for entry in data[f.name]:
+          _resolve_paths(item, entry, directory)
 
 
 def _flat_keys(data, prefix="") -> list[str]:
@@ -127,54 +108,117 @@ def _flat_keys(data, prefix="") -> list[str]:
   return keys
 
 
-def _structured(obj) -> dict:
-  def plain(v):
-    if dataclasses.is_dataclass(v):  # e.g. data.stages, a list of StageConfig
-      return _structured(v)
-    if isinstance(v, enum.Enum):
-      return v.value
-    if isinstance(v, dict):
-      return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-      return [plain(x) for x in v]
-    return v
-
-  return {f.name: plain(getattr(obj, f.name)) if not dataclasses.is_dataclass(getattr(obj, f.name))
-          else _structured(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+def _plain(v):
+  if dataclasses.is_dataclass(v):
+    return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+  if isinstance(v, enum.Enum):
+    return v.value
+  if isinstance(v, Mapping):
+    return {k: _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  return v
 
 
-def load_config(
-    path: str, overrides: Sequence[str] = (), num_devices: int | None = None,
+def _structured(cfg: RunConfig) -> dict:
+  """The config as YAML writes it: the task's sections beside the run's."""
+  out = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+         if f.name != SECTIONS}
+  return out | {name: _plain(section) for name, section in cfg.sections.items()}
+
+
+def _schema(sections: Mapping[str, type]) -> type:
+  """RunConfig's sections plus the task's, as one dataclass for OmegaConf to check against."""
+  fields = []
+  for f in dataclasses.fields(RunConfig):
+    if f.name == SECTIONS:
+      continue
+    default = (dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
+               else dataclasses.field(default_factory=f.default_factory))
+    fields.append((f.name, f.type, default))
+  fields += [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in sections.items()]
+  return dataclasses.make_dataclass("RunSchema", fields, frozen=True)
+
+
+def _task_of(layers: list[tuple[str, str | None, dict]], catalog: TaskCatalog):
+  """(task name, its spec): the last layer that sets `task:` decides."""
+  name, where = RunConfig.task, "defaults"
+  for source, _, data in layers:
+    if TASK_KEY in data:
+      name, where = data[TASK_KEY], source
+  if not isinstance(name, str) or name not in catalog.names():
+    raise ConfigError(f"task={name!r} is not a registered task; known tasks: "
+                      f"{sorted(catalog.names())} (stepaudio_jax/tasks/registry.py); task set "
+                      f"in {where}")
+  spec = catalog.get(name)
+  clash = set(spec.sections) & {f.name for f in dataclasses.fields(RunConfig)}
+  if clash:
+    raise ConfigError(f"task {name!r} declares sections {sorted(clash)}, which are run "
+                      "sections; give them other names")
+  return name, spec
+
+
+def _check_sections(layers, task: str, schema: type, catalog: TaskCatalog) -> None:
+  """A top-level key must be a section of this run: another task's section is an error, not
+  something silently ignored."""
+  known = [f.name for f in dataclasses.fields(schema)]
+  for source, _, data in layers:
+    for key in data:
+      if key in known:
+        continue
+      owners = sorted(n for n in catalog.names() if key in catalog.get(n).sections)
+      if owners:
+        raise ConfigError(
+            f"{source}: section {key!r} belongs to task {' / '.join(owners)}, not to this run's "
+            f"task {task!r}; remove it or set task={owners[0]} (a {task} run reads "
+            f"{sorted(known)})")
+      raise ConfigError(f"{source}: unknown section {key!r}; a {task} run reads {sorted(known)}")
+
+
+def load(
+    path: str, overrides: Sequence[str], catalog: TaskCatalog, num_devices: int | None = None,
     num_processes: int = 1,
 ) -> RunConfig:
-  """Load, merge and validate; with num_devices, also check that the mesh fits them."""
+  """Load, merge and validate against the run's schema and its task's; with num_devices, also
+  check that the mesh fits them. Callers use tasks.registry.load_config, which passes the
+  registry as `catalog`."""
   layers = _layers(path)
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"command line: override {item!r} must look like section.key=value")
   if overrides:
-    layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))))
+    layers.append(("command line", None,
+                   OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))))
+  task, spec = _task_of(layers, catalog)
+  schema = _schema(spec.sections)
+  _check_sections(layers, task, schema, catalog)
+  for _, directory, data in layers:
+    if directory is not None:
+      _resolve_paths(schema, data, directory)
   provenance: dict[str, str] = {}
-  merged = OmegaConf.structured(RunConfig)
-  for source, data in layers:
+  merged = OmegaConf.structured(schema)
+  for source, _, data in layers:
     try:
       merged = OmegaConf.merge(merged, data)
     except OmegaConfBaseException as e:
-      choices = _enum_choices(e.full_key)
+      choices = _enum_choices(schema, e.full_key)
       if choices:
         raise ConfigError(f"{source}: {e.full_key}={e.value!r} is not one of {choices}") from e
       raise ConfigError(f"{source}: {_first_line(e)} (key {e.full_key})") from e
     for key in _flat_keys(data):
       provenance[key] = source
-  sections = {}
-  for f in dataclasses.fields(RunConfig):
+  built = {}
+  for f in dataclasses.fields(schema):
     try:
       node = merged[f.name]
-      sections[f.name] = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+      built[f.name] = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
     except (ValueError, OmegaConfBaseException) as e:
       raise ConfigError(_explain(f.name, e, provenance)) from e
+  run_fields = {f.name for f in dataclasses.fields(RunConfig)}
   try:
-    cfg = RunConfig(**sections)
+    cfg = RunConfig(**{k: v for k, v in built.items() if k in run_fields},
+                    sections={k: v for k, v in built.items() if k not in run_fields})
+    spec.check_config(cfg)
   except ValueError as e:
     raise ConfigError(_explain("", e, provenance)) from e
   if num_devices is not None:
@@ -189,9 +233,9 @@ def load_config(
   return cfg
 
 
-def _enum_choices(key: str) -> list[str] | None:
+def _enum_choices(schema: type, key: str) -> list[str] | None:
   """The allowed values of an enum field such as `model.remat` (OmegaConf names the members)."""
-  typ = RunConfig
+  typ = schema
   for part in (key or "").split("."):
     fields = {f.name: f.type for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) \
         else {}
@@ -220,6 +264,6 @@ def _explain(section: str, e: Exception, provenance: dict[str, str]) -> str:
 
 
 def dump_config(cfg: RunConfig, path: str) -> None:
-  """Write the resolved config; it loads back with load_config."""
+  """Write the resolved config; it loads back as it was."""
   with open(path, "w") as f:
     yaml.safe_dump(_structured(cfg), f, sort_keys=False)

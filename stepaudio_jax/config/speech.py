@@ -4,6 +4,7 @@ configs/speech/*.yaml set the tiny CPU sizes."""
 
 import dataclasses
 
+from stepaudio_jax.config.fields import input_path
 from stepaudio_jax.config.training import OptimizerConfig
 
 
@@ -39,7 +40,7 @@ class SpeechDataConfig:
 
   # The directory of train.safetensors and eval.safetensors, relative to the config file that
   # sets it (the committed set: data_pipelines/corpus/speech); the flow and vocoder need it.
-  path: str = ""
+  path: str = input_path(default="")
   max_codes: int = 240  # interleaved code ids per row (48 groups of 2 + 3 = 5.76 s)
   speaker_dim: int = 192  # the stand-in x-vector's size (audio/speaker.py)
 

@@ -3,7 +3,7 @@
 import dataclasses
 import enum
 
-from stepaudio_jax.config.fields import coerce_enums
+from stepaudio_jax.config.fields import coerce_enums, input_path
 
 
 class Schedule(str, enum.Enum):
@@ -92,7 +92,8 @@ class CheckpointConfig:
   keep: int = 3  # newest K complete checkpoints are kept
   async_save: bool = True  # training continues while a save is written
   resume: bool = True  # resume from the newest checkpoint in the run directory
-  init_from: str = ""  # run directory of a (text-only) model whose params start step 0
+  # run directory of a model whose params start step 0 (the task says which it takes)
+  init_from: str = input_path(default="")
 
   def __post_init__(self):
     if self.every <= 0 or self.keep <= 0:

@@ -4,15 +4,14 @@ Each packed segment is classified by its token ids alone: a run of image placeho
 image_text; a chat segment (`<bos><|BOT|>system ...`) is asr or aqta when its system turn is that
 task's prompt, else tts; any other segment is text, audio_continuation or
 audio_text_interleaved by whether it holds text ids, audio ids or both. The per-stage table is
-what `python -m stepaudio_jax.data.shares CONFIG [key=value ...] --steps N` prints.
+what `stepaudio shares CONFIG [key=value ...] --steps N` prints.
 """
 
-import argparse
 import collections
 
 import numpy as np
 
-from stepaudio_jax.config.data import TASKS, DataConfig
+from stepaudio_jax.config.data import DataConfig, TASKS
 from stepaudio_jax.config.model import TokenLayout
 from stepaudio_jax.data.mixture import StageSchedule
 from stepaudio_jax.data.tokenizer import make_tokenizer
@@ -97,19 +96,3 @@ def table(stages: list[dict]) -> str:
         lines.append(f"  {t:24} {s['target'][t]:7.3f} {got[t]:9.3f} "
                      f"{got[t] - s['target'][t]:+7.3f} {s['loader'][t]:7.3f}")
   return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-  from stepaudio_jax.config import load_config
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("config")
-  parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-  parser.add_argument("--steps", type=int, default=0, help="steps to count (default train.steps)")
-  args = parser.parse_args(argv)
-  cfg = load_config(args.config, args.overrides)
-  print(table(measure(cfg, args.steps or cfg.train.steps)))
-
-
-if __name__ == "__main__":
-  main()

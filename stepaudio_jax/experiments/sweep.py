@@ -29,8 +29,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from stepaudio_jax.config import ConfigError, load_config
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.loading import read_yaml
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import DONE
 
 SPEC_KEYS = {"base", "runs_dir", "overrides", "product", "variants"}

@@ -27,7 +27,6 @@ from scipy.signal import resample_poly
 from data_pipelines import audio
 from data_pipelines.kmeans_tokenizer import KMeansDualTokenizer
 from stepaudio_jax.audio.codes import interleave_codes
-from stepaudio_jax.config import load_config
 from stepaudio_jax.config.model import TokenLayout
 from stepaudio_jax.data.records import Example
 from stepaudio_jax.data.templates import render, template_context
@@ -36,6 +35,7 @@ from stepaudio_jax.export.score import load_lm
 from stepaudio_jax.inference.decode import left_pad
 from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
 from stepaudio_jax.inference.speech import SpeechDecoder
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint import restore_params
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "data_pipelines", "corpus",

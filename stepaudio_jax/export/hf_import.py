@@ -18,12 +18,12 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from stepaudio_jax.config import RunConfig, dump_config, load_config
-from stepaudio_jax.export import step1_layout as layout
-from stepaudio_jax.export import vision_import
+from stepaudio_jax.config import RunConfig, dump_config
+from stepaudio_jax.export import step1_layout as layout, vision_import
 from stepaudio_jax.export.orbax_reader import ExportError
 from stepaudio_jax.export.safetensors_io import SafetensorsDir
 from stepaudio_jax.models.omni import expand_vocabulary
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint import Checkpointer
 from stepaudio_jax.training.setup import setup
 from stepaudio_jax.training.state import TrainState

@@ -3,7 +3,9 @@
 A task holds everything that differs between phases (pretraining, SFT, a reward model, PPO,
 flow matching, a GAN vocoder). The step (training/step.py), the loop (training/loop.py) and the
 setup (training/setup.py) are shared and never name a task: a new phase is one file with a
-`Task` subclass plus its line in tasks/registry.py.
+`Task` subclass plus its line in tasks/registry.py (or `register_task` from code of one's own).
+A task's options are dataclasses in its file, declared in `sections`; the loader checks them
+like every other section, and `cfg.<section>` reads them.
 
 Models are named parameter groups (`policy`, `critic`, `generator`, ...). The state holds, per
 group, its trainable parameters (`params[name]`), the rest (`frozen[name]`: no gradient, no
@@ -16,8 +18,8 @@ divides the loss and its gradients by `sums[update.denominator]` of the whole ba
 
 import dataclasses
 import enum
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,13 @@ class Task:
 
   # Metrics shown on the progress line, the first one also for eval (the rest are in TensorBoard).
   progress_keys: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")
+  # The YAML sections this task reads besides RunConfig's: name -> frozen dataclass.
+  sections: ClassVar[Mapping[str, type]] = {}
+
+  @classmethod
+  def check_config(cls, cfg: RunConfig) -> None:
+    """Raise ValueError, naming the keys, for values across sections that cannot work
+    together; the loader runs it, so a bad config stops before anything is built."""
 
   def __init__(self, cfg: RunConfig, shard: LogicalSharding | None):
     self.cfg, self.shard = cfg, shard

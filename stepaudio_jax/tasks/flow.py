@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepaudio_jax.audio.mel import log_mel
 from stepaudio_jax.audio.codes import group_samples
+from stepaudio_jax.audio.mel import log_mel
+from stepaudio_jax.config.speech import FlowConfig, MelConfig, SpeechDataConfig
 from stepaudio_jax.data.speech_pairs import FlowSource, load_pairs, split_file
 from stepaudio_jax.models.flow import FlowModel
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
@@ -27,6 +28,7 @@ from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
 
 class FlowTask(Task):
   progress_keys = ("loss", "grad_norm", "learning_rate")
+  sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "flow": FlowConfig}
 
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)

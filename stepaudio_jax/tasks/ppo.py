@@ -21,6 +21,8 @@ of the very first minibatch is 1 (`policy/first/ratio`), and the sampler's logpr
 compared with them (`rollout/logprob_gap`, the max absolute difference).
 """
 
+import dataclasses
+import enum
 import json
 import os
 
@@ -30,17 +32,70 @@ import numpy as np
 from flax import nnx
 
 from stepaudio_jax.config import ConfigError
-from stepaudio_jax.config.tasks import KLEstimator
+from stepaudio_jax.config.fields import coerce_enums, input_path
+from stepaudio_jax.config.training import OptimizerConfig
 from stepaudio_jax.data.pairs import PromptSource
-from stepaudio_jax.data.templates import template_context
 from stepaudio_jax.data.source import BatchSource
+from stepaudio_jax.data.templates import template_context
 from stepaudio_jax.inference.decode import Prompts
 from stepaudio_jax.inference.sampler import SamplingConfig, sample, sequences, token_logprobs
 from stepaudio_jax.models.reward import RewardModel
 from stepaudio_jax.models.step1 import Step1
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.lm_config import check_lm_config
 
 EVAL_METRICS = "eval_metrics.json"  # where the reward model run keeps its score mean and std
+
+
+class KLEstimator(str, enum.Enum):
+  K1 = "k1"  # log p - log q: unbiased, can be negative per token
+  K3 = "k3"  # exp(q - p) - (q - p) - 1: unbiased, never negative (Schulman)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """The `ppo` section; defaults are the report's and the reference RLHF
+  implementations' (facts.md sections 4 and 7). The policy's optimizer is `optimizer:`."""
+
+  prompts: list[str] = input_path(default_factory=list)  # preference shards (prompts)
+  # run directory of the SFT policy (its model.lm); also the reference
+  policy_from: str = input_path(default="")
+  # run directory of the reward model; also the critic's start
+  reward_from: str = input_path(default="")
+  prompt_len: int = 128  # prompts are left-padded (or left-truncated) to this
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  kl_coef: float = 0.05
+  kl_estimator: KLEstimator = KLEstimator.K1
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip_ratio: float = 0.2
+  value_clip: float = 0.2
+  score_clip: float = 5.0  # the normalised reward-model score is clipped to +-this
+  truncation_penalty: float = 1.0  # subtracted from the score of a response cut without EOS
+  rule_answer: str = ""  # rule-based reward: a response containing this to a spoken question...
+  rule_penalty: float = 0.0  # ...loses this much (the report's planned fix for deaf hacking)
+  critic_warmup_steps: int = 80  # the critic trains alone (policy frozen) for these steps
+  epochs: int = 1  # passes over each rollout batch
+  minibatches: int = 1  # optimizer updates per pass
+  critic_optimizer: OptimizerConfig = dataclasses.field(
+      default_factory=lambda: OptimizerConfig(learning_rate=1e-5, end_learning_rate=1e-6,
+                                              schedule="cosine", embed_lr_multiplier=1.0,
+                                              weight_decay=0.0))
+
+  def __post_init__(self):
+    coerce_enums(self)
+    for name in ("prompt_len", "max_new_tokens", "epochs", "minibatches"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ppo.{name} must be positive, got {getattr(self, name)}")
+    for name in ("temperature", "kl_coef", "clip_ratio", "value_clip", "score_clip",
+                 "truncation_penalty", "rule_penalty", "critic_warmup_steps", "top_k"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+    if not (0 < self.top_p <= 1 and 0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+      raise ValueError("need 0 < ppo.top_p <= 1 and 0 <= ppo.gamma, ppo.lam <= 1")
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
@@ -101,18 +156,25 @@ class PPOTask(Task):
   progress_keys = ("rollout/score", "rollout/kl", "policy/loss", "critic/loss",
                    "rollout/response_length", "learning_rate/policy")
 
+  sections = {"ppo": PPOConfig}
+
+  @classmethod
+  def check_config(cls, cfg):
+    check_lm_config(cfg)
+    p = cfg.ppo
+    if not (p.prompts and p.policy_from and p.reward_from):
+      raise ValueError("task=ppo needs ppo.prompts (preference shards), ppo.policy_from (the SFT "
+                       "run) and ppo.reward_from (the reward-model run)")
+    if p.prompt_len + p.max_new_tokens > cfg.model.max_seq_len:
+      raise ValueError(f"ppo.prompt_len + ppo.max_new_tokens = "
+                       f"{p.prompt_len + p.max_new_tokens} exceeds model.max_seq_len")
+    if cfg.train.batch_size % p.minibatches:
+      raise ValueError(f"train.batch_size={cfg.train.batch_size} (prompts per step) does not "
+                       f"split into ppo.minibatches={p.minibatches}")
+
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)
     p = cfg.ppo
-    if not (p.prompts and p.policy_from and p.reward_from):
-      raise ConfigError("task=ppo needs ppo.prompts (preference shards), ppo.policy_from (the SFT "
-                        "run) and ppo.reward_from (the reward-model run)")
-    if p.prompt_len + p.max_new_tokens > cfg.model.max_seq_len:
-      raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens = "
-                        f"{p.prompt_len + p.max_new_tokens} exceeds model.max_seq_len")
-    if cfg.train.batch_size % p.minibatches:
-      raise ConfigError(f"train.batch_size={cfg.train.batch_size} (prompts per step) does not "
-                        f"split into ppo.minibatches={p.minibatches}")
     self.sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                    top_k=p.top_k, top_p=p.top_p, eos_id=cfg.tokens.eos_id,
                                    pad_id=cfg.tokens.pad_id)

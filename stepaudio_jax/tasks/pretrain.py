@@ -8,6 +8,7 @@ comes from the synthetic source or the Grain stage mixture (`data.source`), eval
 the held-out shards. `checkpoint.init_from` takes another run's LM and grows its vocabulary.
 """
 
+import dataclasses
 import logging
 
 import jax
@@ -16,17 +17,37 @@ import numpy as np
 from stepaudio_jax.config.data import DataSource
 from stepaudio_jax.data.loader import GrainLoader
 from stepaudio_jax.data.source import BatchSource
-from stepaudio_jax.data.synthetic import EVAL_SPLIT, TRAIN_SPLIT, SyntheticSource
+from stepaudio_jax.data.synthetic import EVAL_SPLIT, SyntheticSource, TRAIN_SPLIT
 from stepaudio_jax.models import flops
-from stepaudio_jax.models.omni import TRAINABLE, StepOmni, expand_vocabulary
+from stepaudio_jax.models.omni import StepOmni, TRAINABLE, expand_vocabulary
 from stepaudio_jax.tasks import lm_loss
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task
+from stepaudio_jax.tasks.lm_config import check_lm_config
 
 log = logging.getLogger(__name__)
 ROW = ("act_batch", "act_length")
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """The `pretrain` section: LM loss options of pretraining and SFT."""
+
+  # Weight of the auxiliary loss mean(logsumexp(logits)^2) over target tokens (PaLM's z-loss):
+  # keeps the softmax normaliser near 1, which keeps bf16 logits from drifting at scale.
+  z_loss_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.z_loss_weight < 0:
+      raise ValueError(f"z_loss_weight must be >= 0, got {self.z_loss_weight}")
+
+
 class PretrainTask(Task):
+  sections = {"pretrain": PretrainConfig}
+
+  @classmethod
+  def check_config(cls, cfg):
+    check_lm_config(cfg)
+
   def models(self) -> dict[str, Model]:
     cfg = self.cfg
     return {"model": Model(

@@ -14,19 +14,47 @@ pairs and reports pair accuracy, mean margin, and the mean and std of all scores
 reads from RUN_DIR/eval_metrics.json to normalise the score.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stepaudio_jax.config import ConfigError
+from stepaudio_jax.config.fields import input_path
 from stepaudio_jax.data.pairs import PAIR_SIDES, PairSource, PairStage
 from stepaudio_jax.data.source import BatchSource
 from stepaudio_jax.data.templates import TemplateContext, template_context
 from stepaudio_jax.models import flops
 from stepaudio_jax.models.reward import RewardModel, last_token_index, score_at
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.lm_config import check_lm_config
 
 ROW = ("act_batch", "act_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairStageConfig:
+  """One stage of reward-model training: preference-pair shards and passes over them."""
+
+  shards: list[str] = input_path(default_factory=list)  # globs of `preference` records
+  eval_shards: list[str] = input_path(default_factory=list)  # held-out pairs
+  epochs: float = 1.0
+
+  def __post_init__(self):
+    if self.epochs <= 0:
+      raise ValueError(f"reward stage epochs must be positive, got {self.epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """The `reward` section: the report's two stages, text preference pairs
+  then audio-question pairs, one epoch each, in one run."""
+
+  stages: list[PairStageConfig] = dataclasses.field(default_factory=list)
+  margin: float = 0.0  # every pair's Bradley-Terry margin, plus its record's metadata.margin
+  # Deaf-hacking counter pairs: with a spoken question, this answer as the rejected side
+  # (e.g. "Sorry, I didn't hear that clearly."); "" = off.
+  counter_answer: str = ""
 
 
 def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array) -> jax.Array:
@@ -37,10 +65,19 @@ def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array)
 class RewardTask(Task):
   progress_keys = ("loss", "accuracy", "margin", "grad_norm", "learning_rate")
 
+  sections = {"reward": RewardConfig}
+
+  @classmethod
+  def check_config(cls, cfg):
+    check_lm_config(cfg)
+    if not cfg.reward.stages:
+      raise ValueError("task=reward needs reward.stages (preference-pair shards per stage)")
+    if cfg.train.eval_every and not any(s.eval_shards for s in cfg.reward.stages):
+      raise ValueError("train.eval_every reads held-out pairs: give reward.stages "
+                       "eval_shards, or set train.eval_every=0")
+
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)
-    if not cfg.reward.stages:
-      raise ConfigError("task=reward needs reward.stages (preference-pair shards per stage)")
     self._ctx = None
 
   @property
@@ -111,11 +148,7 @@ class RewardTask(Task):
   def _stages(self, split: Split) -> list[PairStage]:
     stages = self.cfg.reward.stages
     if split == Split.EVAL:
-      held_out = tuple(g for s in stages for g in s.eval_shards)
-      if not held_out:
-        raise ConfigError("train.eval_every reads held-out pairs: give reward.stages "
-                          "eval_shards, or set train.eval_every=0")
-      return [PairStage(held_out, 1.0)]
+      return [PairStage(tuple(g for s in stages for g in s.eval_shards), 1.0)]
     return [PairStage(tuple(s.shards), s.epochs) for s in stages]
 
   def make_source(self, split: Split) -> BatchSource:

@@ -8,7 +8,6 @@ passes over them decide the run's length; `checkpoint.init_from` names the pretr
 earlier SFT) run to start from.
 """
 
-from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.data import DataSource
 from stepaudio_jax.data.loader import GrainLoader
 from stepaudio_jax.tasks.pretrain import PretrainTask
@@ -17,11 +16,12 @@ SFT_TASKS = ("tts", "aqta", "asr")
 
 
 class SFTTask(PretrainTask):
-  def __init__(self, cfg, shard):
-    super().__init__(cfg, shard)
+  @classmethod
+  def check_config(cls, cfg):
+    super().check_config(cfg)
     other = [t for t in cfg.data.live_tasks() if t not in SFT_TASKS]
     if cfg.data.source != DataSource.GRAIN or other:
-      raise ConfigError(
+      raise ValueError(
           f"task=sft trains on chat records ({', '.join(SFT_TASKS)}) read from shards: set "
           f"data.source=grain and give only those tasks a share in data.stages (now: source "
           f"{cfg.data.source.value}, other tasks {other})")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stepaudio_jax.audio.mel import log_mel
+from stepaudio_jax.config.speech import MelConfig, SpeechDataConfig, VocoderConfig
 from stepaudio_jax.data.speech_pairs import SegmentSource, load_pairs, split_file
 from stepaudio_jax.models.hifigan import Discriminators, Generator
 from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
@@ -43,13 +44,18 @@ def generator_losses(real: list, fake: list) -> tuple[jax.Array, jax.Array]:
 class VocoderTask(Task):
   progress_keys = ("generator/mel_l1", "discriminator/loss", "generator/loss")
 
-  def __init__(self, cfg, shard):
-    super().__init__(cfg, shard)
+  sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "vocoder": VocoderConfig}
+
+  @classmethod
+  def check_config(cls, cfg):
     if cfg.vocoder.hop != cfg.mel.hop:
       raise ValueError(f"vocoder.upsample_rates multiply to {cfg.vocoder.hop} samples per "
                        f"frame but mel.hop is {cfg.mel.hop}; they must be equal")
     if cfg.vocoder.segment % cfg.mel.hop:
       raise ValueError(f"vocoder.segment={cfg.vocoder.segment} must be a multiple of mel.hop")
+
+  def __init__(self, cfg, shard):
+    super().__init__(cfg, shard)
     self._utts = {}
 
   def models(self) -> dict[str, Model]:

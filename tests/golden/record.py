@@ -37,7 +37,7 @@ def record(train_fn, load_config):
 if __name__ == "__main__":
   os.chdir(REPO)
   sys.path.insert(0, REPO)
-  from stepaudio_jax.config import load_config
+  from stepaudio_jax.tasks.registry import load_config
   from stepaudio_jax.training.trainer import train
 
   record(train, load_config)
