@@ -1,7 +1,9 @@
-"""Checkpoints: exact round trip onto other shardings, keep K, corrupt ones refused loudly,
-partial ones skipped, never a silent restart; init_from a text-only model (vocabulary expansion)."""
+"""Checkpoints: exact round trip onto other shardings, keep K, corrupt ones and those of another
+layout refused loudly, partial ones skipped, never a silent restart; init_from a text-only model
+(vocabulary expansion)."""
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from stepaudio_jax import cli
 from stepaudio_jax.config import load_config
+from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError
 from stepaudio_jax.training import trainer
 from stepaudio_jax.training.checkpoint import (
   CheckpointConfig,
@@ -124,6 +127,37 @@ def test_corrupt_checkpoint_is_refused(run_copy, damage, capsys):
   assert "checkpoint step 6" in err and "cannot be restored" in err, err[-3000:]
   assert "starting at step 0" not in out and "step 1/" not in out, out
   assert _snapshot(ckpt) == before  # nothing deleted, nothing written
+
+
+@pytest.mark.parametrize("layout", [1, None], ids=["layout1", "no-layout"])
+def test_checkpoint_of_another_layout_is_refused(run_copy, layout, capsys):
+  """Resume, init_from and the export reader all refuse it, in one line naming the step."""
+  step_dir = run_copy / "checkpoints" / "6"
+  with open(step_dir / "data" / "metadata") as f:
+    data = json.load(f)
+  if layout is None:
+    del data["layout"]
+  else:
+    data["layout"] = layout
+  with open(step_dir / "data" / "metadata", "w") as f:
+    json.dump(data, f)
+  found = "no layout" if layout is None else f"layout {layout}"
+  message = (f"{step_dir} was not written by this version of stepaudio_jax (its data item has "
+             f"{found}; this version reads layout 2)")
+  before = _snapshot(run_copy / "checkpoints")
+  code = cli.main(["train", TINY, f"train.run_dir={run_copy}", *FAST, "train.steps=8",
+                   "checkpoint.every=2", "checkpoint.keep=2"])
+  out, err = capsys.readouterr()
+  assert code == 2
+  assert f"stepaudio train: error: {message}\n" in err, err[-3000:]
+  assert "step 1/" not in out, out
+  assert _snapshot(run_copy / "checkpoints") == before
+  with pytest.raises(CheckpointError) as refused:
+    restore_params(str(run_copy))
+  assert str(refused.value) == message
+  with pytest.raises(ExportError) as refused:
+    CheckpointReader(str(run_copy))
+  assert str(refused.value) == message
 
 
 def test_partial_checkpoint_is_skipped_loudly(run_copy, caplog):

@@ -17,6 +17,7 @@ import numpy as np
 import tensorstore as ts
 
 from stepaudio_jax.config import RunConfig, load_config
+from stepaudio_jax.training.checkpoint_format import refusal
 
 
 class ExportError(ValueError):
@@ -59,37 +60,34 @@ def load_run_config(run_dir: str) -> RunConfig:
   return load_config(path)
 
 
-LEGACY_GROUPS = ("params", "frozen", "opt_state")  # trees that gained a model level in layout 2
-LEGACY_MODEL = "model"
+def _check_layout(step_dir: str) -> None:
+  """Refuse a step the trainer of another version wrote. A step with no data item (a state
+  saved by plain Orbax) is read as stored: its array paths say whether it holds our models."""
+  path = os.path.join(step_dir, "data", "metadata")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    refused = refusal(step_dir, json.load(f))
+  if refused:
+    raise ExportError(refused)
 
 
 class CheckpointReader:
-  """Arrays of one checkpoint step by tree path, e.g. ('params', 'model', 'lm', 'layers', 'wq').
-
-  A checkpoint written before tasks (layout 1: no "layout" in its data item) stored one model's
-  trees without the model level; its arrays are read under the paths of model `model`.
-  """
+  """Arrays of one checkpoint step by tree path, e.g. ('params', 'model', 'lm', 'layers', 'wq')."""
 
   def __init__(self, path: str):
     self.run_dir, self.step_dir = resolve_step_dir(path)
+    _check_layout(self.step_dir)
     self.state_dir = os.path.join(self.step_dir, "state")
     with open(os.path.join(self.state_dir, "_METADATA")) as f:
       meta = json.load(f)
     self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     self._ocdbt = meta.get("use_ocdbt", True)
-    stored = [
+    self.paths = [
         tuple(k["key"] for k in entry["key_metadata"])
         for entry in meta["tree_metadata"].values()
         if entry["value_metadata"]["value_type"] == "jax.Array"
     ]
-    data_path = os.path.join(self.step_dir, "data", "metadata")
-    legacy = True
-    if os.path.isfile(data_path):
-      with open(data_path) as f:
-        legacy = json.load(f).get("layout", 1) == 1
-    self._stored = {(p[:1] + (LEGACY_MODEL,) + p[1:] if legacy and p[0] in LEGACY_GROUPS else p): p
-                    for p in stored}
-    self.paths = list(self._stored)
     self._open: dict[tuple, ts.TensorStore] = {}
     # One context for all arrays, no cache: a read decodes its chunk, copies the slice out and
     # lets the chunk go. One decoding thread: fewer per-thread malloc heaps holding freed chunks.
@@ -108,7 +106,7 @@ class CheckpointReader:
             "model (stored arrays start with "
             f"{sorted({'.'.join(p[:2]) for p in self.paths})})"
         )
-      name = ".".join(self._stored[path])
+      name = ".".join(path)
       if self._ocdbt:
         kvstore = {"driver": "ocdbt", "base": f"file://{self.state_dir}", "path": name}
       else:

@@ -8,10 +8,7 @@ a flipped bit anywhere in the stored data changes it, so silent corruption is re
 renames it when complete, so a step directory is either whole or absent; leftover temporary
 directories (a save cut short) are reported and never read. Restore takes abstract targets that
 carry the current mesh's shardings, which is what lets a run saved on one mesh resume on another.
-
-Layout 1 (checkpoints written before tasks, without "layout" in `data`) held one model's trees
-directly under params/frozen/opt_state; they restore as the model `model` of a one-model task
-(pretraining), so old runs resume, export and init_from as they are.
+A step whose `data` has another layout number (or none) is refused before its state is read.
 """
 
 import functools
@@ -28,10 +25,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stepaudio_jax.config.training import CheckpointConfig
+from stepaudio_jax.training.checkpoint_format import LAYOUT, refusal
 
 log = logging.getLogger(__name__)
-LAYOUT = 2
-LEGACY_MODEL = "model"  # the name a layout-1 checkpoint's single model restores as
 # What reading a damaged, partial or mismatched checkpoint raises, found by damaging each file
 # of a step (flipped bytes, truncated, emptied, deleted): TensorStore's DATA_LOSS / OUT_OF_RANGE
 # / NOT_FOUND and Orbax's tree mismatches are ValueErrors, bad metadata JSON a JSONDecodeError
@@ -81,13 +77,6 @@ def checksums(state) -> dict[str, int]:
 
 def _first_line(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _legacy(state):
-  """A layout-2 state (or target) of a one-model task as the layout-1 tree it was saved as."""
-  return {"step": state.step, "params": state.params[LEGACY_MODEL],
-          "frozen": state.frozen[LEGACY_MODEL], "opt_state": state.opt_state[LEGACY_MODEL],
-          "rng": state.rng}
 
 
 class Checkpointer:
@@ -185,28 +174,15 @@ class Checkpointer:
       data = data["data"]
     except UNREADABLE as e:
       raise self._unreadable(step, e) from e
-    legacy = data.get("layout", 1) == 1
-    if legacy and list(target_state.params) != [LEGACY_MODEL]:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} was written before tasks (layout 1, one "
-          f"model) and this task has models {sorted(target_state.params)}; resume it with "
-          "task: pretrain, or start this task from it with checkpoint.init_from")
-    target = _abstract(_legacy(target_state) if legacy else target_state)
+    refused = refusal(os.path.join(self.directory, str(step)), data)
+    if refused:
+      raise CheckpointError(refused)
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(target_state))))["state"]
     except UNREADABLE as e:
       raise self._unreadable(step, e) from e
-    if legacy:
-      log.warning("checkpoint step %d has layout 1 (written before tasks, no checksums): "
-                  "restored as model %r; the next save writes layout %d", step, LEGACY_MODEL,
-                  LAYOUT)
-      restored = target_state.replace(
-          step=restored["step"], rng=restored["rng"],
-          params={LEGACY_MODEL: restored["params"]}, frozen={LEGACY_MODEL: restored["frozen"]},
-          opt_state={LEGACY_MODEL: restored["opt_state"]})
-    else:
-      self._verify(step, restored, data)
+    self._verify(step, restored, data)
     return restored, data
 
   def _verify(self, step: int, state, data: dict) -> None:
@@ -240,8 +216,7 @@ def restore_params(run_dir: str) -> dict:
   """The trainable parameters, by model, of a run directory's newest checkpoint (host arrays).
 
   Reads only `params` (not the optimizer state), so init_from works for any model shape; the
-  caller checks the shapes against its own models. Layout-1 checkpoints come back as
-  {"model": params}.
+  caller checks the shapes against its own models.
   """
   directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -256,8 +231,11 @@ def restore_params(run_dir: str) -> dict:
     if step is None:
       raise CheckpointError(f"checkpoint.init_from={run_dir!r} holds no complete checkpoint")
     try:
-      legacy = manager.restore(step, args=ocp.args.Composite(
-          data=ocp.args.JsonRestore()))["data"].get("layout", 1) == 1
+      data = manager.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore()))["data"]
+      refused = refusal(os.path.join(directory, str(step)), data)
+      if refused:
+        raise CheckpointError(refused)
       params = manager.item_metadata(step)["state"].tree["params"]
       target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params)}
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -272,5 +250,4 @@ def restore_params(run_dir: str) -> dict:
       ) from e
   finally:
     manager.close()
-  params = restored["state"]["params"]
-  return {LEGACY_MODEL: params} if legacy else params
+  return restored["state"]["params"]
