@@ -43,42 +43,14 @@ def _compile(args) -> int:
 
   cfg = load_config(args.config, args.overrides)
   report, _ = compile_train_step(cfg, args.topology, args.num_slices)
-  gib = 1 << 30
-  mesh = " x ".join(f"{k} {v}" for k, v in report.mesh.items())
-  print(f"{args.config} on {report.topology}: {report.chips} chips, mesh {mesh}")
-  print(f"  HBM per chip      {report.bytes_per_chip / gib:7.2f} GiB of "
-        f"{report.hbm_per_chip / gib:.0f} GiB: {'fits' if report.fits else 'DOES NOT FIT'} "
-        f"(analytic estimate {report.analytic_bytes_per_chip / gib:.2f} GiB)")
+  print("\n".join(report.describe(args.config)))
   if not report.fits:
-    print(f"stepaudio compile: error: {report.bytes_per_chip / gib:.2f} GiB per chip exceed the "
-          f"{report.hbm_per_chip / gib:.0f} GiB of HBM; lower the rows per chip "
-          "(train.batch_size / train.grad_accum_steps), remat more (model.remat) or shard more "
-          "(mesh.tensor, mesh.sequence)", file=sys.stderr)
+    print(f"stepaudio compile: error: {report.overflow()}", file=sys.stderr)
     return 1
   if args.no_estimate:
     return 0
   est = estimate_step_time(cfg, args.topology, args.num_slices, tuple(args.depths))
-  print(f"  XLA FLOPs/step    {est.xla_flops:.3e} per chip")
-  if est.step_flops:  # tasks without an analytic count (flops_per_step 0) get no MFU
-    print(f"  model FLOPs/step  {est.step_flops:.3e} (analytic, no remat recompute; XLA counts "
-          f"{est.xla_to_model:.2f}x)")
-    print(f"  XLA step time     {est.seconds:7.2f} s: {est.mfu:.1%} MFU at "
-          f"{est.peak_flops / 1e12:.0f} TFLOP/s per chip, {est.tokens_per_second:,.0f} tokens/s")
-    if est.xla_to_model < 1:
-      print("  WARNING: XLA counts fewer FLOPs than the model needs, so its cost model misses part "
-            "of this program (a loop body counted once, or a kernel's declared cost): this MFU "
-            "is too high")
-  else:
-    print(f"  XLA step time     {est.seconds:7.2f} s (the task reports no model FLOPs: no MFU)")
-  if est.loops:
-    print(f"  note: {est.loops} while loops remain in the costed program, each body counted once "
-          "(the image encoder's layer scan, a task's own scans)")
-  print("  (costed with XLA's collective matmuls off: their loop bodies would be counted once)")
-  if est.depths:
-    print(f"  (XLA's cost analysis counts a scanned layer once: the step was compiled unrolled "
-          f"at {est.depths[0]} and {est.depths[1]} layers and extrapolated linearly to "
-          f"{est.num_layers}" + (f", one microbatch x {est.microbatches}"
-                                 if est.microbatches > 1 else "") + ")")
+  print("\n".join(est.describe()))
   return 0
 
 
@@ -141,74 +113,28 @@ def _import(args) -> int:
 
 
 def _generate(args) -> int:
-  import dataclasses
   import json
-  import time
 
-  import jax
-  from flax import nnx
+  from stepaudio_jax.export.generate import generate
+  from stepaudio_jax.export.orbax_reader import ExportError
 
-  from stepaudio_jax.data.tokenizer import make_tokenizer
-  from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
-  from stepaudio_jax.export.score import load_lm
-  from stepaudio_jax.export.step1_layout import LM
-  from stepaudio_jax.inference.decode import left_pad
-  from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
-  from stepaudio_jax.models.step1 import Step1
-
-  reader = CheckpointReader(args.checkpoint)
-  if not any(path[:len(LM)] == LM for path in reader.paths):
-    raise ExportError(f"{reader.step_dir} holds no Step1 LM at {'.'.join(LM)} (the pretraining "
-                      "task's model); generate samples that LM")
-  run_cfg = load_run_config(reader.run_dir)
-  ids = run_cfg.tokens
-  try:
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              args.no_repeat_ngram, eos_id=ids.eos_id, pad_id=ids.pad_id)
-  except ValueError as e:
-    raise ExportError(str(e)) from None
-  if args.prompt is not None:  # plain text after bos, not the chat-turn format
-    tokenizer = make_tokenizer(run_cfg.data.tokenizer_model, ids)
-    prompt = [ids.bos_id, *tokenizer.encode(args.prompt)]
-  else:
+  prompt = args.prompt
+  if prompt is None:
     try:
       prompt = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
     except ValueError:
       raise ExportError(f"--prompt-tokens {args.prompt_tokens!r} must be comma-separated "
                         "integers, e.g. 1,4,17") from None
-  vocab = run_cfg.model.vocab_size
-  bad = [t for t in prompt if not 0 <= t < vocab]
-  if not prompt or bad:
-    raise ExportError(f"the prompt {'is empty' if not prompt else f'has ids {bad}'}: pass ids "
-                      f"in [0, {vocab}), the vocabulary of {reader.run_dir}")
-
-  model = load_lm(reader.step_dir)  # float32 parameters and compute
-  params = nnx.to_pure_dict(nnx.state(model))
-  if args.dtype == "run":
-    cfg = dataclasses.replace(model.cfg, compute_dtype=run_cfg.model.compute_dtype)
-    model = nnx.eval_shape(lambda: Step1(cfg, rngs=nnx.Rngs(0)))
-  prompts, key = left_pad([prompt], ids.pad_id), jax.random.key(args.seed)
-  start = time.perf_counter()
-  sample = make_sampler(model).lower(params, prompts, sampling, key).compile()
-  compile_s, start = time.perf_counter() - start, time.perf_counter()
-  out = jax.device_get(sample(params, prompts, key))
-  seconds = time.perf_counter() - start
-  n = int(out.lengths[0])
-  result = {
-      "checkpoint": reader.step_dir, "step": reader.step, "prompt_tokens": prompt,
-      "tokens": out.tokens[0, :n].tolist(), "logprobs": out.logprobs[0, :n].tolist(),
-      "truncated": bool(out.truncated[0]), "compute_dtype": model.cfg.compute_dtype.value,
-      **dataclasses.asdict(sampling), "seed": args.seed,
-  }
-  if args.prompt is not None:  # ids outside the text vocabulary (audio codes, EOS) are left out
-    new = [t for t in result["tokens"] if t != ids.eos_id]
-    result["text"] = tokenizer.decode(new)
-    print(tokenizer.decode(prompt[1:] + new))  # whole, so the pieces' spaces survive
+  gen = generate(args.checkpoint, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                 args.top_p, args.no_repeat_ngram, args.dtype, args.seed)
+  if gen.text is not None:
+    print(gen.text)
   with open(args.out, "w") as f:
-    json.dump(result, f)
-  print(f"generated {n} tokens in {seconds:.3f} s: {n / seconds:.1f} tokens/s (prefill of "
-        f"{len(prompt)} included, compile {compile_s:.1f} s not; "
-        f"{'truncated' if result['truncated'] else 'stopped at EOS'}) -> {args.out}")
+    json.dump(gen.result, f)
+  n, prompt_len = len(gen.result["tokens"]), len(gen.result["prompt_tokens"])
+  print(f"generated {n} tokens in {gen.seconds:.3f} s: {n / gen.seconds:.1f} tokens/s (prefill "
+        f"of {prompt_len} included, compile {gen.compile_seconds:.1f} s not; "
+        f"{'truncated' if gen.result['truncated'] else 'stopped at EOS'}) -> {args.out}")
   return 0
 
 
@@ -221,15 +147,14 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-  from stepaudio_jax.experiments.report import load_run, write_report
+  from stepaudio_jax.experiments.report import asr_scorable, load_run, write_report
 
   runs = [load_run(path) for path in args.run_dirs]
   if args.asr_clips:
     from stepaudio_jax.experiments.asr import cached_asr_cer
 
     for r in runs:
-      if r.task in ("pretrain", "sft") and r.config.get("data.eval_shards.asr") and \
-          os.path.isdir(os.path.join(r.path, "checkpoints")):
+      if asr_scorable(r):
         r.asr = cached_asr_cer(r.path, args.asr_clips)
   content = write_report(runs, args.out)
   print(f"report of {len(runs)} runs -> {os.path.join(args.out, 'report.md')}; plots: "

@@ -128,6 +128,13 @@ def load_run(path: str) -> Run:
              os.path.exists(os.path.join(path, DONE)))
 
 
+def asr_scorable(run: Run) -> bool:
+  """Whether experiments/asr.py can score `run`: an LM task (pretrain, sft) with held-out ASR
+  shards to transcribe and a checkpoint to decode them with."""
+  return (run.task in ("pretrain", "sft") and bool(run.config.get("data.eval_shards.asr"))
+          and os.path.isdir(os.path.join(run.path, "checkpoints")))
+
+
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
   """Each key by its last part, or whole where two would read the same."""
   short = {k: k.rsplit(".", 1)[-1] for k in keys}

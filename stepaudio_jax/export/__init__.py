@@ -2,5 +2,6 @@
 
 Modules: orbax_reader (arrays out of a checkpoint, one at a time), step1_layout (the name and
 layout table), safetensors_io (streaming shards), exporter, score (reference logits),
-hf_import, vision_import, torch_step1 (a PyTorch Step1 to check exports against).
+generate (sampling from a checkpoint's LM), hf_import, vision_import, torch_step1 (a PyTorch
+Step1 to check exports against).
 """

@@ -48,6 +48,9 @@ COSTED_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                   "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
+GIB = 1 << 30
+
+
 class DoesNotFit(ConfigError):
   """The step needs more HBM per chip than the topology has."""
 
@@ -67,6 +70,21 @@ class AotReport:
   @property
   def fits(self) -> bool:
     return self.bytes_per_chip <= self.hbm_per_chip
+
+  def describe(self, config: str) -> list[str]:
+    """The memory lines of `stepaudio compile` for the run config at path `config`."""
+    mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+    return [f"{config} on {self.topology}: {self.chips} chips, mesh {mesh}",
+            f"  HBM per chip      {self.bytes_per_chip / GIB:7.2f} GiB of "
+            f"{self.hbm_per_chip / GIB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'} "
+            f"(analytic estimate {self.analytic_bytes_per_chip / GIB:.2f} GiB)"]
+
+  def overflow(self) -> str:
+    """Why a step that does not fit does not, and what to change."""
+    return (f"{self.bytes_per_chip / GIB:.2f} GiB per chip exceed the "
+            f"{self.hbm_per_chip / GIB:.0f} GiB of HBM; lower the rows per chip "
+            "(train.batch_size / train.grad_accum_steps), remat more (model.remat) or shard more "
+            "(mesh.tensor, mesh.sequence)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +116,35 @@ class StepTimeEstimate:
   @property
   def tokens_per_second(self) -> float:
     return self.tokens_per_step / self.seconds
+
+  def describe(self) -> list[str]:
+    """The time lines of `stepaudio compile`, with what XLA's cost model misses."""
+    lines = [f"  XLA FLOPs/step    {self.xla_flops:.3e} per chip"]
+    if self.step_flops:  # tasks without an analytic count (flops_per_step 0) get no MFU
+      lines += [f"  model FLOPs/step  {self.step_flops:.3e} (analytic, no remat recompute; XLA "
+                f"counts {self.xla_to_model:.2f}x)",
+                f"  XLA step time     {self.seconds:7.2f} s: {self.mfu:.1%} MFU at "
+                f"{self.peak_flops / 1e12:.0f} TFLOP/s per chip, {self.tokens_per_second:,.0f} "
+                "tokens/s"]
+      if self.xla_to_model < 1:
+        lines.append("  WARNING: XLA counts fewer FLOPs than the model needs, so its cost model "
+                     "misses part of this program (a loop body counted once, or a kernel's "
+                     "declared cost): this MFU is too high")
+    else:
+      lines.append(f"  XLA step time     {self.seconds:7.2f} s (the task reports no model FLOPs: "
+                   "no MFU)")
+    if self.loops:
+      lines.append(f"  note: {self.loops} while loops remain in the costed program, each body "
+                   "counted once (the image encoder's layer scan, a task's own scans)")
+    lines.append("  (costed with XLA's collective matmuls off: their loop bodies would be counted "
+                 "once)")
+    if self.depths:
+      lines.append(f"  (XLA's cost analysis counts a scanned layer once: the step was compiled "
+                   f"unrolled at {self.depths[0]} and {self.depths[1]} layers and extrapolated "
+                   f"linearly to {self.num_layers}"
+                   + (f", one microbatch x {self.microbatches}" if self.microbatches > 1 else "")
+                   + ")")
+    return lines
 
 
 def chip(topology: str) -> Chip:
