@@ -21,7 +21,7 @@ DISTRIBUTED_COMMANDS = ("train", "export", "score", "compile", "aot")  # aot = c
 def _train(args) -> int:
   import jax
 
-  from stepaudio_jax.config import load_config
+  from stepaudio_jax.tasks.registry import load_config
   from stepaudio_jax.training.trainer import train
 
   cfg = load_config(args.config, args.overrides, num_devices=jax.device_count(),
@@ -31,14 +31,24 @@ def _train(args) -> int:
 
 
 def _show_config(args) -> int:
-  from stepaudio_jax.config import dump_config, load_config
+  from stepaudio_jax.config import dump_config
+  from stepaudio_jax.tasks.registry import load_config
 
   dump_config(load_config(args.config, args.overrides), "/dev/stdout")
   return 0
 
 
+def _shares(args) -> int:
+  from stepaudio_jax.data.shares import measure, table
+  from stepaudio_jax.tasks.registry import load_config
+
+  cfg = load_config(args.config, args.overrides)
+  print(table(measure(cfg, args.steps or cfg.train.steps)))
+  return 0
+
+
 def _compile(args) -> int:
-  from stepaudio_jax.config import load_config
+  from stepaudio_jax.tasks.registry import load_config
   from stepaudio_jax.training.aot import compile_train_step, estimate_step_time
 
   cfg = load_config(args.config, args.overrides)
@@ -265,6 +275,12 @@ def main(argv=None) -> int:
     p.add_argument("config", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     p.set_defaults(fn=fn)
+  p = sub.add_parser("shares", help="the token shares a config's loader delivers per stage, "
+                                    "against the configured ones")
+  p.add_argument("config", help="YAML config file (configs/...)")
+  p.add_argument("--steps", type=int, default=0, help="steps to count (default train.steps)")
+  p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+  p.set_defaults(fn=_shares)
   p = sub.add_parser("compile", aliases=["aot"],
                      help="compile the train step for a TPU slice here; report memory, time, MFU")
   p.add_argument("config", help="YAML config file (configs/...)")

@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from stepaudio_jax import cli
-from stepaudio_jax.config import load_config
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training import trainer
 from stepaudio_jax.training.checkpoint import (
   CheckpointConfig,

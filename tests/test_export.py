@@ -12,13 +12,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from stepaudio_jax import cli  # noqa: E402
-from stepaudio_jax.config import dump_config, load_config  # noqa: E402
+from stepaudio_jax.config import dump_config  # noqa: E402
 from stepaudio_jax.export.exporter import export_checkpoint  # noqa: E402
 from stepaudio_jax.export.hf_import import import_hf  # noqa: E402
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError  # noqa: E402
 from stepaudio_jax.export.safetensors_io import SafetensorsDir, TensorPlan, write_file  # noqa: E402
 from stepaudio_jax.export.score import score  # noqa: E402
 from stepaudio_jax.export.torch_step1 import Step1ForCausalLM  # noqa: E402
+from stepaudio_jax.tasks.registry import load_config  # noqa: E402
 from stepaudio_jax.training.trainer import train  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 

@@ -16,7 +16,8 @@ import os
 import numpy as np
 import tensorstore as ts
 
-from stepaudio_jax.config import RunConfig, load_config
+from stepaudio_jax.config import RunConfig
+from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint_format import refusal
 
 
