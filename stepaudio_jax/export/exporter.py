@@ -26,6 +26,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
+from stepaudio_jax.export import hf_remote
 from stepaudio_jax.export import safetensors_io as st
 from stepaudio_jax.export import step1_layout as layout
 from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
@@ -34,7 +35,7 @@ OUT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.f
 # What an export writes (or a Hugging Face model directory holds in its place): all of it is
 # replaced by --overwrite, since a leftover would be loaded as part of the new model.
 OUTPUTS = ("model-*-of-*.safetensors", st.SINGLE_NAME, st.INDEX_NAME, "config.json",
-           "generation_config.json", "tokenizer_config.json", "tokenizer.model")
+           "generation_config.json", "tokenizer_config.json", "tokenizer.model", *hf_remote.FILES)
 BLOCK_BYTES = 16 * 2**20  # of stored values read at once: a larger tensor is read in pieces
 
 
@@ -149,6 +150,7 @@ def export_checkpoint(
     _write_json(os.path.join(out_dir, "generation_config.json"), layout.generation_config(tokens))
     _write_json(os.path.join(out_dir, "tokenizer_config.json"),
                 layout.tokenizer_config(cfg, tokens, bool(tokenizer_model)))
+    hf_remote.copy_remote_code(out_dir)  # the modules config.json's auto_map names
     if tokenizer_model:
       shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
   return ExportSummary(

@@ -110,7 +110,10 @@ def hf_config(cfg: Step1Config, tokens: TokenLayout, torch_dtype: str) -> dict:
   }
   if architecture(cfg) == STEP1_ARCH:
     return {"architectures": [STEP1_ARCH], "model_type": "step1", **common,
-            "num_attention_groups": cfg.num_kv_heads, "max_seq_len": cfg.max_seq_len}
+            "num_attention_groups": cfg.num_kv_heads, "max_seq_len": cfg.max_seq_len,
+            # the remote code export/hf_remote ships beside the weights
+            "auto_map": {"AutoConfig": "configuration_step1.Step1Config",
+                         "AutoModelForCausalLM": "modeling_step1.Step1ForCausalLM"}}
   return {"architectures": [LLAMA_ARCH], "model_type": "llama", **common,
           "num_key_value_heads": cfg.num_kv_heads,
           "max_position_embeddings": cfg.max_seq_len,
