@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.data.records import Example, PREFERENCE, write_shard
 from stepaudio_jax.data.source import BatchSource, process_rows
 from stepaudio_jax.tasks import ppo
-from stepaudio_jax.tasks.base import Split
+from stepaudio_jax.tasks.base import EVAL_METRICS, Split
 from stepaudio_jax.tasks.ppo import KLEstimator
 from stepaudio_jax.tasks.registry import load_config
-from stepaudio_jax.tasks.reward import RewardTask, bradley_terry
+from stepaudio_jax.tasks.reward import RewardTask, bradley_terry, read_score_stats
 from stepaudio_jax.training.setup import setup
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
@@ -117,7 +118,35 @@ def test_reward_model_learns_a_preference_and_flags_rows_without_eos(tmp_path):
   batch["chosen_tokens"][0, last[0]] = 17
   cut = task.loss(state.params, state.frozen, batch, None)[1]
   assert float(cut["pairs"]) == float(full["pairs"]) - 1
-  assert float(task.metrics(cut)["no_eos_fraction"]) == pytest.approx(1 / 8)
+  assert float(task.metrics(cut, task.updates()[0])["no_eos_fraction"]) == pytest.approx(1 / 8)
+
+
+def test_reward_score_stats_are_read_for_ppo_or_refused_in_one_line(tmp_path):
+  """PPO's reward normalisation reads the reward run's newest eval; what cannot be used is one
+  ConfigError line naming the file and the fix."""
+  path = tmp_path / EVAL_METRICS
+
+  def refused(text, match):
+    if text is not None:
+      path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+      read_score_stats(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+  refused(None, r"eval_metrics.json is missing: train the reward model with "
+                r"train.eval_every > 0")
+  refused("{not json", r"eval_metrics.json is not a reward model's eval \(JSON with "
+                       r"reward_mean and reward_std\): JSONDecodeError")
+  refused('{"step": 3, "reward_mean": 0.5}', r"eval_metrics.json is not a reward model's eval"
+                                              r".*KeyError: 'reward_std'")
+  refused('[0.5, 1.0]', r"eval_metrics.json is not a reward model's eval.*TypeError")
+  for std in ("0.0", "-1.0", "NaN"):
+    refused(f'{{"reward_mean": 0.5, "reward_std": {std}}}',
+            r"eval_metrics.json: reward_std=\S+ must be positive .*every score would be clipped")
+  path.write_text('{"step": 3, "accuracy": 1.0, "reward_mean": 0.5, "reward_std": 2.0}')
+  assert read_score_stats(str(tmp_path)) == (0.5, 2.0)
+  task = ppo.PPOTask(_toy(tmp_path / "ppo", f"ppo.reward_from={tmp_path}"), None)
+  assert task.score_stats == (0.5, 2.0)
 
 
 # --- PPO on a toy task with a known optimum --------------------------------------------------
@@ -233,8 +262,6 @@ def test_ppo_step_on_8_devices_equals_1(tmp_path):
 
 
 def test_sft_takes_chat_records_from_shards_only():
-  from stepaudio_jax.config import ConfigError
-
   corpus = os.path.join(REPO, "configs", "corpus.yaml")
   with pytest.raises(ConfigError, match=r"task=sft trains on chat records.*other tasks \['text'"):
     setup(load_config(corpus, ["task=sft"]))

@@ -2,6 +2,7 @@
 guard, and a short training run whose mel loss falls."""
 
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from flax import nnx
 
 from stepaudio_jax.models.speech_layers import ConvTranspose1d
 from stepaudio_jax.tasks.registry import load_config
-from stepaudio_jax.tasks.vocoder import discriminator_loss, generator_losses
+from stepaudio_jax.tasks.vocoder import VocoderTask, discriminator_loss, generator_losses
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
 
@@ -44,11 +45,21 @@ def test_upsampling_equals_torch_conv_transpose():
   np.testing.assert_allclose(got, ref.transpose(1, 2).numpy(), atol=1e-5)
 
 
-def test_diverging_discriminator_stops_the_run(tmp_path):
-  cfg = load_config(VOCODER, [f"train.run_dir={tmp_path}", "train.steps=1",
-                              "vocoder.d_loss_limit=0.01", *SMALL])
-  with pytest.raises(FloatingPointError, match="discriminator/loss_above_d_loss_limit"):
+def test_diverging_discriminator_stops_the_run_unsaved(tmp_path):
+  """Its loss past vocoder.d_loss_limit at step 1: the run stops there, before that step's
+  save, naming the vocoder's own optimizers."""
+  cfg = load_config(VOCODER, [f"train.run_dir={tmp_path}", "train.steps=2",
+                              "checkpoint.every=1", "vocoder.d_loss_limit=0.01", *SMALL])
+  with pytest.raises(FloatingPointError) as e:
     train(cfg, print_fn=lambda *a, **k: None)
+  assert re.fullmatch(
+      r"step 1: discriminator/loss \S+ passed vocoder.d_loss_limit=0.01, the discriminator is "
+      r"diverging \(resume with a lower vocoder.discriminator_optimizer.learning_rate, or a "
+      r"generator that keeps up: vocoder.generator_optimizer\); stopping without "
+      r"checkpointing it \(no checkpoint was written\)", str(e.value)), str(e.value)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  task = VocoderTask(cfg, None)
+  assert task.stop_reason({"discriminator/loss": 0.01, "generator/loss": 1e3}) is None
 
 
 @pytest.mark.slow
@@ -60,3 +71,4 @@ def test_mel_loss_falls_on_the_committed_pairs(tmp_path):
   last = np.mean([h["generator/mel_l1"] for h in history[-3:]])
   assert last < 0.8 * first, (first, last)
   assert all(np.isfinite(h["discriminator/loss"]) for h in history)
+  assert set(history[-1]) >= {"generator/adv", "generator/fm", "discriminator/loss"}

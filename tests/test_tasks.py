@@ -5,10 +5,11 @@ alternating updates per step (discriminator, then generator), a stochastic loss,
 batch field and its own config section (`toy_gan:`, registered from this file): what a GAN
 vocoder, flow matching or PPO needs from the core, at toy size. It is checked against the same
 step written out by hand in plain JAX + optax, then loaded from YAML, trained, evaluated,
-checkpointed and resumed by the real trainer.
+checkpointed and resumed by the real trainer, with hooks of the caller's own.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -23,9 +24,12 @@ from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.fields import input_path
 from stepaudio_jax.config.training import OptimizerConfig
 from stepaudio_jax.data.source import BatchSource, process_rows
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import (EVAL_METRICS, BatchField, Model, Split, Task, Update,
+                                      map_first_pass)
 from stepaudio_jax.tasks.registry import load_config, register_task, task_class, task_names
 from stepaudio_jax.training import state as state_lib
+from stepaudio_jax.training.loop import Every
+from stepaudio_jax.training.progress import METRICS_FILE
 from stepaudio_jax.training.optimizer import Optimizer, make_optimizer
 from stepaudio_jax.training.setup import setup
 from stepaudio_jax.training.trainer import train
@@ -232,6 +236,112 @@ def test_trainer_runs_evaluates_checkpoints_and_resumes_any_task(tmp_path):
   assert [h["step"] for h in resumed] == [3, 4]
   for a, b in zip(full[2:], resumed):
     assert a == b
+
+
+class CountedToyGan(ToyGan):
+  """Reports its throughput in points, 8 a step."""
+
+  throughput_unit = "points"
+
+  def items_per_step(self):
+    return float(self.cfg.train.batch_size)
+
+
+def test_a_callers_hooks_run_every_n_steps_after_the_built_in_ones(tmp_path):
+  """Every(2, fn) over 4 steps: steps 2 and 4, with finite host metrics and the state of that
+  step, after the built-in hooks of that step (the metrics hook logged the step before, eval
+  wrote this one), in the order given; the rate is named for its unit."""
+  seen, lines = [], []
+
+  def record(name):
+    def fn(step, state, metrics):
+      with open(tmp_path / EVAL_METRICS) as f:
+        evaluated = json.load(f)["step"]
+      logged = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("step")]
+      seen.append((name, step, int(jax.device_get(state.step)), evaluated, logged[-1]))
+      assert metrics and all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+      assert {"discriminator/loss", "generator/grad_norm"} <= set(metrics)
+    return fn
+
+  history = train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "train.eval_every=2",
+                       "train.eval_batches=1"),
+                  print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                  task=CountedToyGan, hooks=[Every(2, record("a")), Every(4, record("b"))])
+  assert [h["step"] for h in history] == [1, 2, 3, 4]
+  assert seen == [("a", 2, 2, 2, 1), ("a", 4, 4, 4, 3), ("b", 4, 4, 4, 3)]
+  assert "points/s" in next(line for line in lines if line.startswith("step 4/4"))
+  logged = [json.loads(x) for x in open(tmp_path / METRICS_FILE)]
+  train_lines = [x for x in logged if x["kind"] == "train"]
+  assert all(x["points_per_second"] > 0 and "tokens_per_second" not in x for x in train_lines)
+  with pytest.raises(ValueError, match=r"Every\(n, fn\) needs n >= 1, got 0"):
+    Every(0, record("c"))
+
+
+class StoppingToyGan(ToyGan):
+  def stop_reason(self, metrics):
+    if metrics["discriminator/loss"] > 0:  # softplus losses: always
+      return f"discriminator/loss {metrics['discriminator/loss']:.2f} is positive"
+    return None
+
+
+@pytest.mark.parametrize("every", [1, 100])
+def test_a_task_stop_condition_stops_the_run_unsaved(tmp_path, every):
+  """Met at step 1: checked before the save of step 1 (checkpoint.every=1) or by the metrics
+  hook a step later; either way step 1 is never checkpointed."""
+  with pytest.raises(FloatingPointError, match=r"^step 1: discriminator/loss \d\.\d\d is "
+                     r"positive; stopping without checkpointing it \(no checkpoint was written\)$"):
+    train(_cfg(tmp_path, "train.steps=3", f"checkpoint.every={every}"),
+          print_fn=lambda *a, **k: None, task=StoppingToyGan)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_the_default_metrics_divide_by_the_updates_denominator():
+  task = ToyGan(_cfg("/tmp/unused"), None)
+  sums = {"loss_sum": jnp.float32(6.0), "rows": jnp.float32(3.0), "tokens": jnp.float32(2.0)}
+  out = task.metrics(sums, task.updates()[0])
+  assert float(out["loss"]) == 2.0 and float(out["rows"]) == 3.0 and "loss_sum" not in out
+
+
+class RowToyGan(ToyGan):
+  """One update of the discriminator in 2 passes of `MINIBATCHES` minibatches, whose loss
+  reports the rows it sees (row r of the batch has real[r, 0] == r)."""
+
+  MINIBATCHES = 1
+
+  def updates(self):
+    def loss(params, frozen, batch, rng):
+      jax.debug.callback(lambda rows: self.seen.append(np.asarray(rows).astype(int).tolist()),
+                         batch["real"][:, 0], ordered=True)
+      return self.d_loss(params, frozen, batch, rng)
+
+    return (Update(("discriminator",), loss, "discriminator", "rows", epochs=2,
+                   minibatches=self.MINIBATCHES),)
+
+
+@pytest.mark.parametrize("minibatches", [1, 2, 4])
+def test_map_first_pass_sees_the_minibatches_the_first_pass_trains_on(tmp_path, minibatches):
+  task = type("Rows", (RowToyGan,), {"MINIBATCHES": minibatches, "seen": []})
+  run = setup(_cfg(tmp_path, "mesh.data=1", "mesh.fsdp=1"), jax.devices()[:1], task=task,
+              donate=False)  # ordered callbacks need one device
+  with jax.set_mesh(run.mesh):
+    state = run.init()
+    real = np.zeros((8, DIM), np.float32)
+    real[:, 0] = np.arange(8)
+    jax.block_until_ready(run.train(state, jax.device_put({"real": real},
+                                                          run.batch_shardings)))
+  trained = task.seen[:minibatches]  # the first pass; the second is shuffled
+  assert len(task.seen) == 2 * minibatches
+  assert sorted(sum(task.seen[minibatches:], [])) == list(range(8))
+  # Each row of map_first_pass's output: the whole block (minibatch) the row was in.
+  rows = jnp.arange(8, dtype=jnp.float32)
+  blocks = map_first_pass(lambda r: jnp.broadcast_to(r, (r.shape[0], r.shape[0])),
+                          minibatches, rows)
+  size = 8 // minibatches
+  assert [np.asarray(blocks[k * size]).astype(int).tolist() for k in range(minibatches)] \
+      == trained
+  for k, block in enumerate(trained):
+    for r in block:
+      assert np.asarray(blocks[r]).astype(int).tolist() == block, (k, r)
 
 
 def test_optimizer_state_shardings_follow_parameters_or_fail_loudly():

@@ -7,6 +7,9 @@ setup (training/setup.py) are shared and never name a task: a new phase is one f
 A task's options are dataclasses in its file, declared in `sections`; the loader checks them
 like every other section, and `cfg.<section>` reads them.
 
+A task may also end a run: `stop_reason` sees every step's host metrics (a GAN whose
+discriminator ran away), and the run stops there, like on a NaN, without checkpointing it.
+
 Models are named parameter groups (`policy`, `critic`, `generator`, ...). The state holds, per
 group, its trainable parameters (`params[name]`), the rest (`frozen[name]`: no gradient, no
 optimizer state) and, for groups that train, one optimizer state (`opt_state[name]`).
@@ -29,6 +32,10 @@ from stepaudio_jax.config import RunConfig
 from stepaudio_jax.config.training import OptimizerConfig
 from stepaudio_jax.data.source import BatchSource
 from stepaudio_jax.parallel.mesh import LogicalSharding
+
+# RUN_DIR/eval_metrics.json: the newest eval's metrics, written by the trainer's eval hook and
+# read by later phases (PPO normalises its reward with the reward run's score mean and std).
+EVAL_METRICS = "eval_metrics.json"
 
 Loss = Callable[[dict, dict, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -88,6 +95,32 @@ class Update:
   report_first: tuple[str, ...] = ()
 
 
+def minibatch(batch, minibatches: int, index: jax.Array, epoch: jax.Array | int = 0,
+              key: jax.Array | None = None):
+  """Minibatch `index` of `minibatches` in pass `epoch` over the rows of `batch` (any tree of
+  arrays, rows first): the first pass takes contiguous blocks in order, so per-row values a
+  task computes before the updates (map_first_pass) meet them on the same rows; later passes
+  take a permutation drawn from fold_in(key, epoch), which only they need."""
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  size = rows // minibatches
+  order = jnp.arange(rows)
+  if key is not None:
+    shuffled = jax.random.permutation(jax.random.fold_in(key, epoch), rows)
+    order = jnp.where(epoch == 0, order, shuffled)
+  elif not isinstance(epoch, int) or epoch:
+    raise ValueError("minibatch: passes after the first shuffle and need the update's key")
+  take = jax.lax.dynamic_slice_in_dim(order, index * size, size)
+  return jax.tree.map(lambda x: jnp.take(x, take, axis=0), batch)
+
+
+def map_first_pass(fn: Callable, minibatches: int, *arrays):
+  """fn(*arrays of one minibatch) over the first pass's minibatches in order, its results
+  joined back in row order: e.g. PPO's old logprobs, computed on exactly the rows each of its
+  first updates trains on, so the first ratio is 1 to the bit."""
+  out = jax.lax.map(lambda i: fn(*minibatch(arrays, minibatches, i)), jnp.arange(minibatches))
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
 def split_model(module: nnx.Module, trainable) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graph, trainable state, frozen state): the one split every part of the stack uses."""
   return nnx.split(module, trainable, ...)
@@ -102,6 +135,9 @@ class Task:
 
   # Metrics shown on the progress line, the first one also for eval (the rest are in TensorBoard).
   progress_keys: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")
+  # What items_per_step counts (tokens, samples, frames, pairs): the progress line shows
+  # `<unit>/s` ("tok/s" for tokens), metrics.jsonl and TensorBoard `<unit>_per_second`.
+  throughput_unit: str = "tokens"
   # The YAML sections this task reads besides RunConfig's: name -> frozen dataclass.
   sections: ClassVar[Mapping[str, type]] = {}
 
@@ -144,11 +180,16 @@ class Task:
     trained = tuple(n for n, m in self.models().items() if m.optimizer is not None)
     return (Update(trained, self.loss),)
 
-  def metrics(self, sums: dict[str, jax.Array], denominator: str = "tokens"
-              ) -> dict[str, jax.Array]:
-    """Reported values from summed ones: `loss` is the mean; other sums pass through."""
-    return {"loss": sums["loss_sum"] / jnp.maximum(sums[denominator], 1.0),
+  def metrics(self, sums: dict[str, jax.Array], update: Update) -> dict[str, jax.Array]:
+    """Reported values from the sums of `update`'s loss: `loss` is the mean over its
+    denominator; other sums pass through."""
+    return {"loss": sums["loss_sum"] / jnp.maximum(sums[update.denominator], 1.0),
             **{k: v for k, v in sums.items() if k != "loss_sum"}}
+
+  def stop_reason(self, metrics: dict[str, float]) -> str | None:
+    """Why the run must stop after a step with these host metrics (names as the step reports
+    them), with what to change, or None to go on; the step is not checkpointed."""
+    return None
 
   def eval_sums(self, params: dict, frozen: dict, batch: dict, rng: jax.Array
                 ) -> dict[str, jax.Array]:
@@ -157,10 +198,10 @@ class Task:
 
   def eval_metrics(self, sums: dict) -> dict:
     """Eval's reported values from the sums of all its batches."""
-    return self.metrics(sums, self.updates()[0].denominator)
+    return self.metrics(sums, self.updates()[0])
 
-  def tokens_per_step(self) -> float:
-    """For tokens/s on the progress line."""
+  def items_per_step(self) -> float:
+    """How many `throughput_unit` one step trains on, for the rate (0 = none shown)."""
     return 0.0
 
   def flops_per_step(self) -> float:

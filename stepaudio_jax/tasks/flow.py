@@ -28,6 +28,7 @@ from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
 
 class FlowTask(Task):
   progress_keys = ("loss", "grad_norm", "learning_rate")
+  throughput_unit = "frames"
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "flow": FlowConfig}
 
   def __init__(self, cfg, shard):
@@ -93,8 +94,8 @@ class FlowTask(Task):
   def updates(self):
     return (Update(("flow",), self.loss, denominator="bins"),)
 
-  def metrics(self, sums, denominator="bins"):
-    return {"loss": sums["loss_sum"] / jnp.maximum(sums["bins"], 1.0),
+  def metrics(self, sums, update):
+    return {"loss": sums["loss_sum"] / jnp.maximum(sums[update.denominator], 1.0),
             "prompt_frames": sums["prompt_frames"]}
 
   def utterances(self, split: Split) -> list:
@@ -110,6 +111,6 @@ class FlowTask(Task):
     return FlowSource(self.utterances(split), tc.batch_size, self.max_codes,
                       self.cfg.mel.sample_rate, split == Split.TRAIN, tc.seed)
 
-  def tokens_per_step(self) -> float:
-    """Mel frames per step (shown as tokens/s)."""
+  def items_per_step(self) -> float:
+    """Mel frames per step."""
     return self.cfg.train.batch_size * self.wave_samples() / self.cfg.mel.hop

@@ -23,15 +23,12 @@ compared with them (`rollout/logprob_gap`, the max absolute difference).
 
 import dataclasses
 import enum
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.fields import coerce_enums, input_path
 from stepaudio_jax.config.training import OptimizerConfig
 from stepaudio_jax.data.pairs import PromptSource
@@ -41,10 +38,9 @@ from stepaudio_jax.inference.decode import Prompts
 from stepaudio_jax.inference.sampler import SamplingConfig, sample, sequences, token_logprobs
 from stepaudio_jax.models.reward import RewardModel
 from stepaudio_jax.models.step1 import Step1
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update, map_first_pass
 from stepaudio_jax.tasks.lm_config import check_lm_config
-
-EVAL_METRICS = "eval_metrics.json"  # where the reward model run keeps its score mean and std
+from stepaudio_jax.tasks.reward import read_score_stats
 
 
 class KLEstimator(str, enum.Enum):
@@ -207,14 +203,6 @@ class PPOTask(Task):
 
   # -- rollout -----------------------------------------------------------------------------
 
-  def _blocks(self, fn, *arrays):
-    """fn over the contiguous minibatch blocks the first pass of each update uses, so the
-    rollout's numbers and the first update's are computed alike (its ratio is exactly 1)."""
-    m = self.cfg.ppo.minibatches
-    split = [a.reshape(m, a.shape[0] // m, *a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), split)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
-
   def _response_logprobs(self, lm, tokens, seg, pos, response):
     p = self.cfg.ppo.prompt_len
     logits = lm(tokens, seg, pos)[:, p - 1:-1]
@@ -237,8 +225,9 @@ class PPOTask(Task):
       ref = self._response_logprobs(reference, tokens, seg, pos, response)
       return logp, ref, critic(tokens, seg, pos)[:, p.prompt_len - 1:-1]
 
-    logp, ref, values = self._blocks(trainer_view, seq.tokens, seq.segment_ids, seq.positions,
-                                     rollout.tokens)
+    # On the first pass's minibatches, so the first update's ratio is exactly 1.
+    logp, ref, values = map_first_pass(trainer_view, p.minibatches, seq.tokens, seq.segment_ids,
+                                       seq.positions, rollout.tokens)
     raw = self.raw_scores(params, frozen, seq, rollout)
     mean, std = self.score_stats
     norm = jnp.clip((raw - mean) / std, -p.score_clip, p.score_clip)
@@ -273,7 +262,8 @@ class PPOTask(Task):
     """The reward model's score of each response, read at its last token (the EOS when the
     response has one) [B]; a test overrides this with a known reward."""
     reward = self.merge("reward", params, frozen)
-    scores = self._blocks(reward, seq.tokens, seq.segment_ids, seq.positions)
+    scores = map_first_pass(reward, self.cfg.ppo.minibatches, seq.tokens, seq.segment_ids,
+                            seq.positions)
     last = self.cfg.ppo.prompt_len + rollout.lengths - 1
     return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
 
@@ -312,10 +302,10 @@ class PPOTask(Task):
             "clip_sum": ((jnp.abs(values - old) > p.value_clip) * mask).sum()}
     return sums["loss_sum"], sums
 
-  def metrics(self, sums, denominator="tokens"):
+  def metrics(self, sums, update):
     """Per-token means: loss, and ratio / approx_kl / entropy (policy) or value_error
     (critic), and the clipped fraction."""
-    n = jnp.maximum(sums["tokens"], 1.0)
+    n = jnp.maximum(sums[update.denominator], 1.0)
     out = {"loss": sums["loss_sum"] / n, "tokens": sums["tokens"]}
     for k, v in sums.items():
       if k not in ("loss_sum", "tokens"):
@@ -350,14 +340,8 @@ class PPOTask(Task):
 
   @property
   def score_stats(self) -> tuple[float, float]:
-    """The reward model's held-out score mean and std (its RUN_DIR/eval_metrics.json)."""
-    path = os.path.join(self.cfg.ppo.reward_from, EVAL_METRICS)
-    if not os.path.isfile(path):
-      raise ConfigError(f"{path} is missing: train the reward model with train.eval_every > 0 "
-                        "so its score mean and std are there to normalise PPO's reward")
-    with open(path) as f:
-      stats = json.load(f)
-    return float(stats["reward_mean"]), max(float(stats["reward_std"]), 1e-6)
+    """The reward model's held-out score mean and std, from its run (ppo.reward_from)."""
+    return read_score_stats(self.cfg.ppo.reward_from)
 
   def warm_start(self, params, frozen, load):
     """Policy and reference from ppo.policy_from (its model.lm); critic and reward model from

@@ -76,7 +76,7 @@ class PretrainTask(Task):
       return sums["loss_sum"] + z_weight * sums["z_loss_sum"], sums
     return sums["loss_sum"], sums
 
-  def metrics(self, sums, denominator="tokens"):
+  def metrics(self, sums, update):
     return lm_loss.finalize(sums)
 
   def make_source(self, split: Split) -> BatchSource:
@@ -87,7 +87,7 @@ class PretrainTask(Task):
     return SyntheticSource(cfg.synthetic, cfg.tokens, cfg.vision, tc.seq_len, tc.seed,
                            tc.batch_size, EVAL_SPLIT if split == Split.EVAL else TRAIN_SPLIT)
 
-  def tokens_per_step(self) -> float:
+  def items_per_step(self) -> float:
     return self.cfg.train.batch_size * self.cfg.train.seq_len
 
   def flops_per_step(self) -> float:

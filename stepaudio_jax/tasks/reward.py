@@ -11,22 +11,25 @@ left out of the loss. Loss: -log sigmoid(r_chosen - r_rejected - margin).
 Stages (`reward.stages`, report: text pairs, then audio-question pairs, one epoch each) follow
 each other in one run; their passes decide the run's length. Eval reads every stage's held-out
 pairs and reports pair accuracy, mean margin, and the mean and std of all scores, which PPO
-reads from RUN_DIR/eval_metrics.json to normalise the score.
+reads (read_score_stats) from RUN_DIR/eval_metrics.json to normalise the score.
 """
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.fields import input_path
 from stepaudio_jax.data.pairs import PAIR_SIDES, PairSource, PairStage
 from stepaudio_jax.data.source import BatchSource
 from stepaudio_jax.data.templates import TemplateContext, template_context
 from stepaudio_jax.models import flops
 from stepaudio_jax.models.reward import RewardModel, last_token_index, score_at
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import EVAL_METRICS, BatchField, Model, Split, Task, Update
 from stepaudio_jax.tasks.lm_config import check_lm_config
 
 ROW = ("act_batch", "act_length")
@@ -60,6 +63,27 @@ class RewardConfig:
 def bradley_terry(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array) -> jax.Array:
   """-log sigmoid(r_chosen - r_rejected - margin), per pair."""
   return -jax.nn.log_sigmoid(r_chosen - r_rejected - margin)
+
+
+def read_score_stats(run_dir: str) -> tuple[float, float]:
+  """(mean, std) of the held-out scores of the reward model trained in `run_dir`, from its
+  newest eval; a ConfigError of one line for a file that is missing or cannot be used."""
+  path = os.path.join(run_dir, EVAL_METRICS)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} is missing: train the reward model with train.eval_every > 0 "
+                      "so its score mean and std are there to normalise PPO's reward")
+  try:
+    with open(path) as f:
+      stats = json.load(f)
+    mean, std = float(stats["reward_mean"]), float(stats["reward_std"])
+  except (ValueError, TypeError, KeyError) as e:
+    raise ConfigError(f"{path} is not a reward model's eval (JSON with reward_mean and "
+                      f"reward_std): {type(e).__name__}: {e}") from None
+  if not std > 0:
+    raise ConfigError(f"{path}: reward_std={std} must be positive (the reward model scores "
+                      "every held-out answer alike); normalised by it, every score would be "
+                      "clipped")
+  return mean, std
 
 
 class RewardTask(Task):
@@ -122,8 +146,8 @@ class RewardTask(Task):
     }
     return sums["loss_sum"], sums
 
-  def metrics(self, sums, denominator="pairs"):
-    pairs = jnp.maximum(sums["pairs"], 1.0)
+  def metrics(self, sums, update):
+    pairs = jnp.maximum(sums[update.denominator], 1.0)
     mean = sums["score_sum"] / (2 * pairs)
     return {
         "loss": sums["loss_sum"] / pairs, "accuracy": sums["correct"] / pairs,
@@ -136,13 +160,14 @@ class RewardTask(Task):
   def updates(self):
     return (Update(("reward",), self.loss, denominator="pairs"),)
 
-  def tokens_per_step(self) -> float:
+  def items_per_step(self) -> float:
+    """Tokens of both sides of every pair."""
     return 2 * self.cfg.train.batch_size * self.cfg.train.seq_len
 
   def flops_per_step(self) -> float:
     """The LM's training FLOPs on both sides of every pair (the head's are negligible)."""
     tc = self.cfg.train
-    return self.tokens_per_step() * flops.train_flops_per_token(self.cfg.model, tc.seq_len,
+    return self.items_per_step() * flops.train_flops_per_token(self.cfg.model, tc.seq_len,
                                                                 lm_head=False)
 
   def _stages(self, split: Split) -> list[PairStage]:

@@ -10,9 +10,11 @@ learning rates and betas), and two updates in every jitted step, in this order:
 x = log-mel of the real segment y (audio/mel.py, the flow model's features), computed in the
 step. Each row is `vocoder.segment` samples of real speech (data/speech_pairs.py SegmentSource).
 
-Divergence guard: the discriminator update reports `loss_above_d_loss_limit`, 0 while its loss
-is at most vocoder.d_loss_limit and NaN once it passes it, so the trainer's finite-metric check
-stops the run at that step, naming the metric, before checkpointing it.
+Each update is named for the model it trains, and its metrics (`discriminator/...`,
+`generator/...`: the loss and its terms per row) follow from that name.
+
+Divergence guard (`stop_reason`): a step whose `discriminator/loss` passes vocoder.d_loss_limit
+stops the run there, before it is checkpointed, saying which optimizer to change.
 """
 
 
@@ -43,6 +45,9 @@ def generator_losses(real: list, fake: list) -> tuple[jax.Array, jax.Array]:
 
 class VocoderTask(Task):
   progress_keys = ("generator/mel_l1", "discriminator/loss", "generator/loss")
+  throughput_unit = "samples"
+  # What each update's loss reports besides its total (`<term>_sum`), by the update's name.
+  TERMS = {"discriminator": (), "generator": ("adv", "fm", "mel_l1")}
 
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "vocoder": VocoderConfig}
 
@@ -94,24 +99,34 @@ class VocoderTask(Task):
                          "fm_sum": fm * rows, "mel_l1_sum": mel_l1 * rows}
 
   def updates(self) -> tuple[Update, ...]:
-    return (Update(("discriminator",), self.d_loss, "discriminator", "rows"),
-            Update(("generator",), self.g_loss, "generator", "rows"))
+    """The discriminator, then the generator against it: each named for its one model."""
+    return tuple(Update((name,), loss, name, "rows")
+                 for name, loss in (("discriminator", self.d_loss), ("generator", self.g_loss)))
 
-  def metrics(self, sums, denominator="rows"):
-    rows = jnp.maximum(sums["rows"], 1.0)
-    out = {"loss": sums["loss_sum"] / rows}
-    out.update({k[:-4]: v / rows for k, v in sums.items() if k.endswith("_sum") and k != "loss_sum"})
-    if "adv_sum" not in sums:  # the discriminator's update: the divergence guard
-      out["loss_above_d_loss_limit"] = jnp.where(out["loss"] > self.cfg.vocoder.d_loss_limit,
-                                                 jnp.nan, 0.0)
-    return out
+  def _update(self, name: str) -> Update:
+    return next(u for u in self.updates() if u.name == name)
+
+  def metrics(self, sums, update):
+    """The update's loss and its terms, per row."""
+    rows = jnp.maximum(sums[update.denominator], 1.0)
+    return {"loss": sums["loss_sum"] / rows,
+            **{t: sums[f"{t}_sum"] / rows for t in self.TERMS[update.name]}}
+
+  def stop_reason(self, metrics):
+    loss, limit = metrics.get("discriminator/loss"), self.cfg.vocoder.d_loss_limit
+    if loss is not None and loss > limit:
+      return (f"discriminator/loss {loss:.4g} passed vocoder.d_loss_limit={limit:g}, the "
+              "discriminator is diverging (resume with a lower "
+              "vocoder.discriminator_optimizer.learning_rate, or a generator that keeps up: "
+              "vocoder.generator_optimizer)")
+    return None
 
   def eval_sums(self, params, frozen, batch, rng):
     """Eval reports the generator's losses (mel L1 is the number to watch)."""
-    return self.g_loss(params, frozen, batch, rng)[1]
+    return self._update("generator").loss(params, frozen, batch, rng)[1]
 
   def eval_metrics(self, sums):
-    return self.metrics(sums)
+    return self.metrics(sums, self._update("generator"))
 
   def make_source(self, split: Split) -> SegmentSource:
     tc = self.cfg.train
@@ -122,6 +137,6 @@ class VocoderTask(Task):
     return SegmentSource(self._utts[name], tc.batch_size, self.cfg.vocoder.segment,
                          split == Split.TRAIN, tc.seed)
 
-  def tokens_per_step(self) -> float:
-    """Waveform samples per step (shown as tokens/s)."""
+  def items_per_step(self) -> float:
+    """Waveform samples per step."""
     return float(self.cfg.train.batch_size * self.cfg.vocoder.segment)

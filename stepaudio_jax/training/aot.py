@@ -213,7 +213,7 @@ def compile_train_step(cfg: RunConfig, topology: str, num_slices: int = 1
       analytic_bytes_per_chip=flops_lib.train_memory_estimate(cfg, micro, len(devices)).total,
       xla_flops=_cost(compiled)[0],
       step_flops=run.task.flops_per_step(),
-      tokens_per_step=run.task.tokens_per_step(),
+      tokens_per_step=run.task.items_per_step(),
   ), compiled
 
 
@@ -251,7 +251,7 @@ def estimate_step_time(cfg: RunConfig, topology: str, num_slices: int = 1,
     raise RuntimeError("XLA's cost analysis gave no optimal_seconds for this program")
   return StepTimeEstimate(
       depths=used, num_layers=n_layers, microbatches=accum, xla_flops=flops, seconds=seconds,
-      step_flops=run.task.flops_per_step(), tokens_per_step=run.task.tokens_per_step(),
+      step_flops=run.task.flops_per_step(), tokens_per_step=run.task.items_per_step(),
       chips=len(devices), peak_flops=chip(topology).peak_flops, loops=loops)
 
 

@@ -1,8 +1,9 @@
-"""The loop's hooks: metrics (progress, TensorBoard, NaN stop), checkpoints, eval.
+"""The loop's built-in hooks: metrics (progress, TensorBoard, the stop checks), checkpoints, eval.
 
-A step whose metrics are not all finite (loss, gradient norm, the updated parameters' norm)
-stops the run, and its state is never checkpointed: the checkpoint hook waits for the metrics
-of a step it saves and checks them first, so the newest checkpoint is always a finite one.
+A step whose metrics are not all finite (loss, gradient norm, the updated parameters' norm), or
+that meets its task's stop condition (Task.stop_reason), stops the run, and its state is never
+checkpointed: the checkpoint hook waits for the metrics of a step it saves and checks them
+first, so the newest checkpoint is always one the run could go on from.
 """
 
 import json
@@ -18,31 +19,45 @@ from stepaudio_jax.training.loop import Hook
 from stepaudio_jax.training.progress import Progress
 
 
-def check_finite(step: int, metrics: dict, newest_checkpoint: int | None) -> None:
-  """Raise FloatingPointError naming the first non-finite metric of `step`."""
+StopReason = Callable[[dict[str, float]], str | None]  # Task.stop_reason
+
+
+def check_finite(step: int, metrics: dict, newest_checkpoint: int | None,
+                 stop_reason: StopReason | None = None) -> None:
+  """Raise FloatingPointError naming the first non-finite metric of `step`, or the reason
+  `stop_reason` gives for its host metrics."""
+  where = (f"the newest checkpoint is step {newest_checkpoint}"
+           if newest_checkpoint is not None else "no checkpoint was written")
+  metrics = {k: float(v) for k, v in metrics.items()}
   for key, value in metrics.items():
-    if not math.isfinite(float(value)):
-      where = (f"the newest checkpoint is step {newest_checkpoint}"
-               if newest_checkpoint is not None else "no checkpoint was written")
+    if not math.isfinite(value):
       raise FloatingPointError(
-          f"{key} became {float(value)} at step {step}; stopping without checkpointing it "
+          f"{key} became {value} at step {step}; stopping without checkpointing it "
           f"({where}: resume from it with a lower optimizer.learning_rate or "
           "optimizer.grad_clip_norm, or look at the data of that step)")
+  reason = stop_reason(metrics) if stop_reason is not None else None
+  if reason:
+    raise FloatingPointError(f"step {step}: {reason}; stopping without checkpointing it "
+                             f"({where})")
 
 
 class MetricsHook(Hook):
   """Fetches each step's metrics one step late (dispatch stays ahead), stops on a non-finite
-  metric, keeps the history and logs every `log_every` steps and the last."""
+  metric or the task's stop condition, keeps the history and logs every `log_every` steps and
+  the last. It owns `progress` and closes it when the loop is left."""
 
   def __init__(self, progress: Progress, log_every: int, total: int,
                newest_checkpoint: Callable[[], int | None], print_fn=print,
-               is_lead: bool = True):
+               is_lead: bool = True, stop_reason: StopReason | None = None):
     self.progress, self.log_every, self.total = progress, log_every, total
-    self.newest_checkpoint = newest_checkpoint
+    self.newest_checkpoint, self.stop_reason = newest_checkpoint, stop_reason
     self.print, self.is_lead = print_fn, is_lead
     self.history: list[dict] = []
     self._pending = None
     self._malformed = 0
+
+  def __exit__(self, *_):
+    self.progress.close()
 
   def start(self, step: int) -> None:
     self.progress.start(step)
@@ -51,7 +66,7 @@ class MetricsHook(Hook):
     step, metrics, data_stats = self._pending
     self._pending = None
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    check_finite(step, metrics, self.newest_checkpoint())
+    check_finite(step, metrics, self.newest_checkpoint(), self.stop_reason)
     metrics |= {f"data/{k.replace('/', '_')}": float(v) for k, v in data_stats.items()}
     self.history.append({"step": step, **metrics})
     if step % self.log_every == 0 or step == self.total:
@@ -73,17 +88,19 @@ class MetricsHook(Hook):
 
 class CheckpointHook(Hook):
   """Saves every checkpoint.every steps and at the end (also after SIGTERM), with the data
-  source's position, once the step's metrics are known to be finite; `data_state(step)` may be
-  a collective, so it runs only on save steps."""
+  source's position, once the step's metrics pass check_finite; `data_state(step)` may be a
+  collective, so it runs only on save steps."""
 
   phase = "checkpoint"
 
-  def __init__(self, ckpt: Checkpointer, data_state: Callable[[int], dict]):
-    self.ckpt, self.data_state = ckpt, data_state
+  def __init__(self, ckpt: Checkpointer, data_state: Callable[[int], dict],
+               stop_reason: StopReason | None = None):
+    self.ckpt, self.data_state, self.stop_reason = ckpt, data_state, stop_reason
 
   def after_step(self, step, state, metrics, data_stats) -> None:
     if self.ckpt.manager.should_save(step):
-      check_finite(step, jax.device_get(metrics), self.ckpt.manager.latest_step())
+      check_finite(step, jax.device_get(metrics), self.ckpt.manager.latest_step(),
+                   self.stop_reason)
       self.ckpt.save(step, state, self.data_state(step))
 
   def end(self, step, state) -> None:

@@ -1,10 +1,13 @@
 """The loop: feed batches to the jitted step until the last step or a preemption; hooks do the rest.
 
 It knows no task, no checkpoint and no metric: eval, checkpoints, progress, TensorBoard and the
-NaN stop are hooks (hooks.py). After every step each hook's `after_step` runs in order; at the
-end (last step or preemption) each hook's `end` runs under a watchdog: if the ends (the final
-checkpoint) take longer than `shutdown_timeout` (a dead peer, a hung filesystem), the process
-exits with EXIT_STUCK instead of hanging. An exception in a hook (a NaN loss) ends the loop.
+NaN stop are hooks (hooks.py), and so is whatever a caller adds (`Every(n, fn)`: fn of the
+step, the state and the step's host metrics every n steps). After every step each hook's
+`after_step` runs in order; at the end (last step or preemption) each hook's `end` runs under a
+watchdog: if the ends (the final checkpoint) take longer than `shutdown_timeout` (a dead peer,
+a hung filesystem), the process exits with EXIT_STUCK instead of hanging. An exception in a
+hook (a NaN loss) ends the loop. Each hook is also a context manager around the whole loop,
+left however it ends (an exception skips the ends): where a hook lets go of what it holds.
 
 Preemption: in one process, SIGTERM sets the stop flag. In a multi-process job every process
 must stop after the same step, or one enters the final (collective) save while another runs a
@@ -31,6 +34,12 @@ EXIT_STUCK = 3  # shutdown cut short: second signal or watchdog; resume from the
 class Hook:
   phase = "step"  # what StepTimes counts the hook's after_step as (goodput.PHASES)
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    """After the loop, however it ended."""
+
   def start(self, step: int) -> None:
     """Before the first step of this process's run (`step` is where it resumes)."""
 
@@ -39,6 +48,20 @@ class Hook:
 
   def end(self, step: int, state: TrainState) -> None:
     """After the last step this process ran."""
+
+
+class Every(Hook):
+  """Calls `fn(step, state, metrics)` after steps n, 2n, ..., with that step's metrics as host
+  floats (fetching them waits for the step: keep n well above 1 in long runs)."""
+
+  def __init__(self, n: int, fn: Callable[[int, TrainState, dict[str, float]], None]):
+    if n <= 0:
+      raise ValueError(f"Every(n, fn) needs n >= 1, got {n}")
+    self.n, self.fn = n, fn
+
+  def after_step(self, step, state, metrics, data_stats) -> None:
+    if step % self.n == 0:
+      self.fn(step, state, {k: float(v) for k, v in jax.device_get(metrics).items()})
 
 
 def _exit_now(why: str) -> None:
@@ -114,20 +137,23 @@ def run(state: TrainState, train_step: Callable, batches: Iterator[tuple[dict, d
   and the number of steps done. `times` (goodput.StepTimes) gets the time of each batch, step
   dispatch and hook by phase."""
   timed = times.phase if times is not None else lambda _: contextlib.nullcontext()
-  for hook in hooks:
-    hook.start(start)
-  step = start
-  while step < total and not stop.should_stop(step):
-    with timed("data"):
-      batch, data_stats = next(batches)
-    with timed("step"):
-      state, metrics = train_step(state, batch)
-    step += 1
+  with contextlib.ExitStack() as held:
     for hook in hooks:
-      with timed(hook.phase):
-        hook.after_step(step, state, metrics, data_stats)
-  with Watchdog(shutdown_timeout, f"the shutdown after step {step} (final checkpoint)"):
+      held.enter_context(hook)
     for hook in hooks:
-      with timed(hook.phase):
-        hook.end(step, state)
+      hook.start(start)
+    step = start
+    while step < total and not stop.should_stop(step):
+      with timed("data"):
+        batch, data_stats = next(batches)
+      with timed("step"):
+        state, metrics = train_step(state, batch)
+      step += 1
+      for hook in hooks:
+        with timed(hook.phase):
+          hook.after_step(step, state, metrics, data_stats)
+    with Watchdog(shutdown_timeout, f"the shutdown after step {step} (final checkpoint)"):
+      for hook in hooks:
+        with timed(hook.phase):
+          hook.end(step, state)
   return state, step

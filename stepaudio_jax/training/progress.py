@@ -17,8 +17,8 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 METRICS_FILE = "metrics.jsonl"
 SHARE, TARGET = "data/share_", "data/target_"  # the loader's delivered and configured shares
-# Short names in the progress line for metrics whose full names are long.
-SHORT_NAMES = {"learning_rate": "lr"}
+# Short names in the progress line for metrics whose full names are long, and for rates.
+SHORT_NAMES = {"learning_rate": "lr", "tokens": "tok"}
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
@@ -67,19 +67,20 @@ def _goodput_field(rates: dict) -> str:
 
 
 class Progress:
-  """Turns fetched step metrics into a progress line (step, the task's headline metrics,
-  tokens/s, MFU, ETA), TensorBoard events, and lines of RUN_DIR/metrics.jsonl
+  """Turns fetched step metrics into a progress line (step, the task's headline metrics, its
+  throughput in `unit`/s, MFU, ETA), TensorBoard events, and lines of RUN_DIR/metrics.jsonl
   ({"kind": "train" | "eval", "step", "seconds" since this process started, metrics...}: what
   `stepaudio report` reads). Only process 0 prints and writes. With `times` (goodput.StepTimes)
   each train line also carries the seconds per phase since the last one (time/data_seconds,
-  time/compile_seconds, ...), goodput (the step share of them) and goodput_total.
+  time/compile_seconds, ...), goodput (the step share of them) and goodput_total. The rate is
+  `<unit>_per_second` there (`tokens_per_second` for LM tasks), "tok/s" on the line for tokens.
   """
 
-  def __init__(self, run_dir: str, total_steps: int, tokens_per_step: float,
+  def __init__(self, run_dir: str, total_steps: int, items_per_step: float, unit: str,
                flops_per_step: float, peak_flops: float, keys: Sequence[str], is_lead: bool,
                print_fn=print, times=None):
     self.times = times
-    self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    self.total_steps, self.items_per_step, self.unit = total_steps, items_per_step, unit
     self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.keys, self.is_lead, self.print = tuple(keys), is_lead, print_fn
     self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if is_lead else None
@@ -101,8 +102,9 @@ class Progress:
     now = time.perf_counter()
     dt = max(now - last_time, 1e-9) / max(step - last_step, 1)
     self._last = (step, now)
+    rate = f"{self.unit}_per_second"
     rates = {
-        "tokens_per_second": self.tokens_per_step / dt,
+        rate: self.items_per_step / dt,
         "mfu": self.flops_per_step / dt / self.peak_flops if self.peak_flops else 0.0,
         "step_seconds": dt,
     }
@@ -111,8 +113,8 @@ class Progress:
     if self.is_lead:
       head, *rest = [k for k in self.keys if k in metrics]
       fields = [f"{head} {metrics[head]:.4f}"]
-      if self.tokens_per_step:
-        fields.append(f"tok/s {rates['tokens_per_second']:,.0f}")
+      if self.items_per_step:
+        fields.append(f"{SHORT_NAMES.get(self.unit, self.unit)}/s {rates[rate]:,.0f}")
       if self.flops_per_step:
         fields.append(f"MFU {100 * rates['mfu']:.1f}%")
       fields += [f"{SHORT_NAMES.get(k, k)} {_format(metrics[k])}" for k in rest]

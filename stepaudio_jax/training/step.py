@@ -6,7 +6,8 @@ in order. Each takes gradients of its loss with respect to its groups' trainable
 (the other groups and all frozen parameters are constants), summed over `grad_accum_steps`
 microbatches, divides them by the batch's `denominator` sum, and applies each group's
 optimizer; the next update sees the new parameters. An update may make `epochs` passes of
-`minibatches` optimizer updates each over the prepared batch, and may start only at step
+`minibatches` optimizer updates each over the prepared batch (rows chosen by
+tasks/base.py `minibatch`, whose first pass a task can reproduce), and may start only at step
 `starts_at` (before it, its groups are left as they are: a critic warm-up). Every update,
 pass and microbatch gets its own key folded from fold_in(rng, step), so stochastic losses
 (noise, dropout, CFG drop) draw fresh randomness every step, reproducibly.
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from stepaudio_jax.parallel.mesh import LogicalSharding
-from stepaudio_jax.tasks.base import BatchField, Task, Update
+from stepaudio_jax.tasks.base import BatchField, Task, Update, minibatch
 from stepaudio_jax.training.optimizer import Optimizer
 from stepaudio_jax.training.state import TrainState
 
@@ -85,25 +86,13 @@ def _apply(update: Update, task: Task, optimizers: dict[str, Optimizer], params:
     for g in update.groups:
       steps[g], opt_state[g] = optimizers[g].tx.update(grads[g], opt_state[g], params[g])
       params[g] = optax.apply_updates(params[g], steps[g])
-  out = task.metrics(sums, update.denominator)
+  out = task.metrics(sums, update)
   out.update(
       grad_norm=optax.tree.norm(grads),
       update_norm=optax.tree.norm(steps),
       param_norm=optax.tree.norm({g: params[g] for g in update.groups}),
   )
   return params, opt_state, out
-
-
-def _minibatch(batch: dict, epoch: jax.Array, index: jax.Array, minibatches: int,
-               key: jax.Array) -> dict:
-  """Rows of minibatch `index` of pass `epoch`: in the first pass contiguous blocks in order
-  (so a task can reproduce them exactly, e.g. PPO's old logprobs), later passes shuffled."""
-  rows = jax.tree.leaves(batch)[0].shape[0]
-  size = rows // minibatches
-  order = jnp.where(epoch == 0, jnp.arange(rows),
-                    jax.random.permutation(jax.random.fold_in(key, epoch), rows))
-  take = jax.lax.dynamic_slice_in_dim(order, index * size, size)
-  return jax.tree.map(lambda x: jnp.take(x, take, axis=0), batch)
 
 
 def _run_update(update: Update, task: Task, optimizers, params, opt_state, *, frozen, batch,
@@ -118,8 +107,8 @@ def _run_update(update: Update, task: Task, optimizers, params, opt_state, *, fr
 
   def body(carry, i):
     params, opt_state = carry
-    mb = _minibatch(batch, i // update.minibatches, i % update.minibatches,
-                    update.minibatches, key)
+    mb = minibatch(batch, update.minibatches, i % update.minibatches, i // update.minibatches,
+                   key)
     params, opt_state, out = run(params=params, opt_state=opt_state, batch=mb,
                                  key=jax.random.fold_in(key, i))
     return (params, opt_state), out

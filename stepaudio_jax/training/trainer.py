@@ -1,5 +1,9 @@
 """train(cfg): setup, resume or start, then the loop with its hooks, for any task.
 
+The hooks are the built-in ones (builtin_hooks: hang watchdog, metrics and progress,
+checkpoints, eval), then the caller's (`train(cfg, hooks=[loop.Every(100, fn)])`), in that
+order after every step: a caller's hook at a save or eval step runs after that save and eval.
+
 Resume order: the newest complete checkpoint in RUN_DIR/checkpoints restores the step, every
 model's parameters and frozen parameters, the optimizer states, the RNG and the data source's
 position onto the current mesh; without one the state is initialised from the seed (and, with
@@ -9,13 +13,14 @@ cannot be read stops the run: it never falls back to step 0.
 
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from stepaudio_jax.config import RunConfig, dump_config
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, next_global_batch
-from stepaudio_jax.tasks.base import Split
+from stepaudio_jax.tasks.base import EVAL_METRICS, Split
 from stepaudio_jax.training import loop
 from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError, restore_params
 from stepaudio_jax.training.goodput import STACKS_FILE, HangWatchdog, StepTimes
@@ -24,7 +29,6 @@ from stepaudio_jax.training.progress import Progress, device_peak_flops
 from stepaudio_jax.training.setup import Setup, TaskFactory, setup
 from stepaudio_jax.training.state import TrainState
 
-EVAL_METRICS = "eval_metrics.json"  # RUN_DIR/eval_metrics.json: the newest eval's metrics
 # RUN_DIR/done.json, written when every step ran (not on a preemption): how a sweep, or a
 # cluster job's wrapper, tells a finished run from one to resume.
 DONE = "done.json"
@@ -85,8 +89,43 @@ def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
   return state
 
 
-def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> list[dict]:
-  """Run training per `cfg` (its `task:`, or `task` if given); returns the per-step metrics."""
+def builtin_hooks(run: Setup, ckpt: Checkpointer, source: BatchSource,
+                  eval_source: BatchSource | None, times: StepTimes, print_fn=print
+                  ) -> tuple[MetricsHook, list[loop.Hook]]:
+  """(the metrics hook, whose history train returns; every built-in hook in the order they
+  run): the hang watchdog first (train.hang_timeout), metrics and progress, checkpoints, and
+  eval on `eval_source` (with train.eval_every)."""
+  tc, task = run.cfg.train, run.task
+  lead = jax.process_index() == 0
+  total = run.total_steps
+
+  def data_state(step: int) -> dict:
+    out = {"step": step, "train_steps": total}
+    position = source.get_state()
+    return out if position is None else {**out, "iterator": position}
+
+  progress = Progress(tc.run_dir, total, task.items_per_step(), task.throughput_unit,
+                      task.flops_per_step(),
+                      device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
+                      task.progress_keys, lead, print_fn, times)
+  metrics = MetricsHook(progress, tc.log_every, total, ckpt.manager.latest_step, print_fn,
+                        lead, task.stop_reason)
+  hooks = []
+  if tc.hang_timeout:
+    hooks.append(HangWatchdog(tc.hang_timeout, os.path.join(
+        tc.run_dir, STACKS_FILE.format(process=jax.process_index())), times))
+  hooks += [metrics, CheckpointHook(ckpt, data_state, task.stop_reason)]
+  if eval_source is not None:
+    hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
+                          task.eval_metrics, progress,
+                          os.path.join(tc.run_dir, EVAL_METRICS) if lead else None))
+  return metrics, hooks
+
+
+def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None,
+          hooks: Sequence[loop.Hook] = ()) -> list[dict]:
+  """Run training per `cfg` (its `task:`, or `task` if given), with `hooks` after the built-in
+  ones; returns the per-step metrics."""
   tc = cfg.train
   run = setup(cfg, task=task)
   lead = jax.process_index() == 0
@@ -107,34 +146,16 @@ def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> li
   if lead:  # only now: a refused run leaves the run directory's config as it was
     dump_config(cfg, os.path.join(tc.run_dir, "config.yaml"))
 
-  def data_state(step: int) -> dict:
-    out = {"step": step, "train_steps": total}
-    position = source.get_state()
-    return out if position is None else {**out, "iterator": position}
-
   def batches():
     while True:
       batch = next_global_batch(source, run.batch)
       yield batch, source.stats()
 
   times = StepTimes()
-  progress = Progress(tc.run_dir, total,
-                      run.task.tokens_per_step(), run.task.flops_per_step(),
-                      device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
-                      run.task.progress_keys, lead, print_fn, times)
-  metrics = MetricsHook(progress, tc.log_every, total, ckpt.manager.latest_step, print_fn,
-                        lead)
-  watchdog = HangWatchdog(tc.hang_timeout, os.path.join(
-      tc.run_dir, STACKS_FILE.format(process=jax.process_index())), times)
-  hooks = [watchdog] if tc.hang_timeout else []
-  hooks += [metrics, CheckpointHook(ckpt, data_state)]
-  if eval_source is not None:
-    hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
-                          run.task.eval_metrics, progress,
-                          os.path.join(tc.run_dir, EVAL_METRICS) if lead else None))
   try:
-    with jax.set_mesh(run.mesh), loop.StopFlag() as stop, times, watchdog:
-      _, step = loop.run(state, run.train, batches(), start, total, hooks, stop,
+    metrics, builtin = builtin_hooks(run, ckpt, source, eval_source, times, print_fn)
+    with jax.set_mesh(run.mesh), loop.StopFlag() as stop, times:
+      _, step = loop.run(state, run.train, batches(), start, total, [*builtin, *hooks], stop,
                          tc.shutdown_timeout, times)
   except BaseException:
     try:
@@ -142,8 +163,6 @@ def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None) -> li
     except CheckpointError:
       pass
     raise
-  finally:
-    progress.close()
   ckpt.close()
   if stop.set:
     say(f"preempted (SIGTERM): saved step {step} to {ckpt.directory}; exiting")
