@@ -73,7 +73,8 @@ def _export(args) -> int:
   from stepaudio_jax.export.exporter import export_checkpoint
 
   summary = export_checkpoint(
-      args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+      args.checkpoint, args.out_dir, model=args.model, dtype=args.dtype,
+      max_shard_size=args.max_shard_size,
       tokenizer_model=args.tokenizer, process_index=jax.process_index(),
       process_count=jax.process_count(), overwrite=args.overwrite,
   )
@@ -82,12 +83,13 @@ def _export(args) -> int:
 
     multihost_utils.sync_global_devices("stepaudio export")
   if jax.process_index() == 0:
-    print(f"exported step {summary.step} as {summary.architecture} to {summary.out_dir}: "
+    print(f"exported step {summary.step}'s {summary.model} as {summary.architecture} to "
+          f"{summary.out_dir}: "
           f"{summary.num_tensors} tensors, {summary.total_bytes / 1e6:.1f} MB")
     if args.check:
       from stepaudio_jax.export.parity import check_export
 
-      parity = check_export(args.checkpoint, args.out_dir, args.dtype, CHECK_TOKENS)
+      parity = check_export(args.checkpoint, args.out_dir, args.dtype, CHECK_TOKENS, args.model)
       print(f"parity of the {args.dtype} export in PyTorch vs stepaudio score "
             f"({len(CHECK_TOKENS)} tokens, fp32 compute): max |dlogit| "
             f"{parity.max_logit_diff:.2e}, max per-token KL {parity.max_token_kl:.2e}: "
@@ -107,9 +109,10 @@ def _score(args) -> int:
     print(f"stepaudio score: error: --tokens {args.tokens!r} must be comma-separated integers",
           file=sys.stderr)
     return 2
-  logits = score(args.checkpoint, tokens)
-  np.save(args.out, logits)
-  print(f"wrote logits {list(logits.shape)} (float32) to {args.out}")
+  out = score(args.checkpoint, tokens, args.model)
+  np.save(args.out, out)
+  print(f"wrote {'logits' if out.ndim == 2 else 'scores'} {list(out.shape)} (float32) to "
+        f"{args.out}")
   return 0
 
 
@@ -136,7 +139,7 @@ def _generate(args) -> int:
       raise ExportError(f"--prompt-tokens {args.prompt_tokens!r} must be comma-separated "
                         "integers, e.g. 1,4,17") from None
   gen = generate(args.checkpoint, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                 args.top_p, args.no_repeat_ngram, args.dtype, args.seed)
+                 args.top_p, args.no_repeat_ngram, args.dtype, args.seed, args.model)
   if gen.text is not None:
     print(gen.text)
   with open(args.out, "w") as f:
@@ -195,6 +198,9 @@ def _add_export_commands(sub) -> None:
   p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
   p.add_argument("out_dir", help="output directory")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  p.add_argument("--model", default="",
+                 help="which of the run's models (default: what its task delivers: the LM, a PPO "
+                      "run's policy, a reward run's reward model, ...), e.g. critic")
   p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   p.add_argument("--tokenizer", default="", help="sentencepiece tokenizer.model to ship with it")
   p.add_argument("--overwrite", action="store_true",
@@ -205,10 +211,14 @@ def _add_export_commands(sub) -> None:
                       "(needs the export extra); exit 1 on a mismatch")
   p.set_defaults(fn=_export)
 
-  p = sub.add_parser("score", help="write the model's float32 logits [seq, vocab] for token ids")
+  p = sub.add_parser("score", help="write the model's float32 logits [seq, vocab] (a reward "
+                                   "model: scores [seq]) for token ids")
   p.add_argument("checkpoint", help="run directory (newest complete step) or a step directory")
   p.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 1,5,9")
   p.add_argument("--out", required=True, help="output .npy file")
+  p.add_argument("--model", default="",
+                 help="which of the run's models (default: what its task delivers: the LM, a PPO "
+                      "run's policy, a reward run's reward model, ...), e.g. critic")
   p.set_defaults(fn=_score)
 
   p = sub.add_parser("import", help="a Hugging Face Step1/Llama model -> a run directory")
@@ -237,6 +247,9 @@ def _add_generate_command(sub) -> None:
   p.add_argument("--dtype", choices=("float32", "run"), default="float32",
                  help="compute dtype: float32, or the run's model.compute_dtype")
   p.add_argument("--out", required=True, help="output .json: tokens, logprobs, truncated, text")
+  p.add_argument("--model", default="",
+                 help="which of the run's models (default: what its task delivers: the LM, a PPO "
+                      "run's policy, a reward run's reward model, ...), e.g. critic")
   p.set_defaults(fn=_generate)
 
 
@@ -253,8 +266,8 @@ def _add_synthesize_command(sub) -> None:
   p = sub.add_parser("synthesize", help="text -> TTS LM -> codes -> flow -> vocoder -> WAV")
   p.add_argument("text", help='what to say, with optional leading tags: "(English)(slow 1) hi"')
   p.add_argument("--lm", required=True, help="run directory of the TTS LM (task: sft)")
-  p.add_argument("--flow", required=True, help="run directory of the flow model (task: flow)")
-  p.add_argument("--vocoder", required=True, help="run directory of the vocoder (task: vocoder)")
+  p.add_argument("--flow", required=True, help="flow model: its run directory (task: flow) or its export")
+  p.add_argument("--vocoder", required=True, help="vocoder: its run directory (task: vocoder) or its export")
   p.add_argument("--out", required=True, help="output .wav")
   p.add_argument("--prompt-wav", default="", help="voice prompt WAV (any rate, mono or stereo)")
   p.add_argument("--prompt-text", default="", help="the voice prompt's transcript")

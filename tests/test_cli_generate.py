@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from stepaudio_jax import cli
+from stepaudio_jax.config import dump_config
 from stepaudio_jax.data.tokenizer import BYTE_OFFSET
 from stepaudio_jax.export.score import load_lm
 from stepaudio_jax.inference.decode import left_pad
@@ -22,6 +23,9 @@ from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
 from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+VOCODER = os.path.join(REPO, "configs", "speech", "vocoder_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,8 @@ def test_generate_prompt_text_uses_the_run_tokenizer(run_dir, tmp_path, capsys):
     (["--prompt-tokens", "1,4,9999"], r"has ids \[9999\]: pass ids in \[0, 512\)"),
     (["--prompt-tokens", "1,x"], "must be comma-separated integers"),
     (["--prompt-tokens", "1", "--top-p", "0"], r"top_p=0.0 must be in \(0, 1\]"),
+    (["--prompt-tokens", ",".join(["5"] * 500), "--max-new-tokens", "32"],
+     r"the prompt \(500 ids\) and --max-new-tokens 32 exceed the model's max_seq_len 512"),
 ])
 def test_generate_bad_input_is_one_error_line(run_dir, tmp_path, capsys, args, message):
   code = cli.main(["generate", run_dir, *args, "--out", str(tmp_path / "o.json")])
@@ -101,6 +107,15 @@ def test_generate_needs_a_checkpoint_with_an_lm(tmp_path, capsys):
   checkpointer.save(tmp_path / "run" / "checkpoints" / "3" / "state",
                     {"params": {"critic": {"w": jnp.ones(2)}}})
   checkpointer.wait_until_finished()
+  dump_config(load_config(TINY), str(tmp_path / "run" / "config.yaml"))
   assert cli.main(["generate", str(tmp_path / "run"), "--prompt-tokens", "1", "--out",
                    "o.json"]) == 2
-  assert "holds no Step1 LM at params.model.lm" in capsys.readouterr().err
+  assert "holds no arrays of model 'lm' (at model.lm)" in capsys.readouterr().err
+  dump_config(load_config(VOCODER), str(tmp_path / "run" / "config.yaml"))
+  assert cli.main(["generate", str(tmp_path / "run"), "--prompt-tokens", "1", "--out",
+                   "o.json"]) == 2
+  assert "model 'generator' of this vocoder run is a vocoder model, not a step1 model" in \
+      capsys.readouterr().err
+  assert cli.main(["generate", str(tmp_path / "run"), "--model", "critic", "--prompt-tokens",
+                   "1", "--out", "o.json"]) == 2
+  assert "holds no model 'critic'; its models: generator" in capsys.readouterr().err

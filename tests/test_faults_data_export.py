@@ -7,6 +7,7 @@ records a flip breaks is read back with ArrayRecord itself, so the loader is hel
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,29 @@ def _stale_export(run: str, out: str) -> None:
     f.write(b"stale")
   with open(os.path.join(out, "README.md"), "w") as f:
     f.write("my notes")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", r"model-00001-of-00001.safetensors: cut short: its tensors need \d+ bytes"),
+    ("header", r"model-00001-of-00001.safetensors: not a safetensors file, or cut short"),
+    ("config", r"config.json: not valid JSON"),
+])
+def test_import_of_a_damaged_export_is_one_error_line(rope_run, tmp_path, capsys, damage,
+                                                      message):
+  out = str(tmp_path / "hf")
+  export_checkpoint(rope_run, out, dtype="float32")
+  shard = os.path.join(out, "model-00001-of-00001.safetensors")
+  if damage == "config":
+    with open(os.path.join(out, "config.json"), "a") as f:
+      f.write("}")
+  else:
+    with open(shard, "r+b") as f:
+      f.truncate(os.path.getsize(shard) - 64 if damage == "truncate" else 5)
+  tiny = os.path.join(REPO, "configs", "tiny.yaml")
+  assert cli.main(["import", out, str(tmp_path / "run"), "--config", tiny]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("stepaudio import: error: "), err
+  assert re.search(message, err[0]), err
 
 
 def test_overwrite_replaces_only_the_model_files(rope_run, tmp_path):

@@ -27,28 +27,42 @@ from scipy.signal import resample_poly
 from data_pipelines import audio
 from data_pipelines.kmeans_tokenizer import KMeansDualTokenizer
 from stepaudio_jax.audio.codes import interleave_codes
+from stepaudio_jax.config import RunConfig
 from stepaudio_jax.config.model import TokenLayout
 from stepaudio_jax.data.records import Example
 from stepaudio_jax.data.templates import render, template_context
-from stepaudio_jax.export.orbax_reader import load_run_config
+from stepaudio_jax.export.orbax_reader import ExportError, load_run_config
 from stepaudio_jax.export.score import load_lm
+from stepaudio_jax.export.speech_layout import is_export, read_export
 from stepaudio_jax.inference.decode import left_pad
 from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
 from stepaudio_jax.inference.speech import SpeechDecoder
 from stepaudio_jax.tasks.registry import load_config
-from stepaudio_jax.training.checkpoint import restore_params
+from stepaudio_jax.training.checkpoint import restore_deliverable
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "data_pipelines", "corpus",
                          "audio_tokenizer.safetensors")
 _TAGS = re.compile(r"^\s*((?:\([^()]*\))*)\s*(.*)$", re.DOTALL)
 
 
-def load_decoder(flow_run: str, vocoder_run: str) -> SpeechDecoder:
-  """The newest checkpoints of a `task: flow` and a `task: vocoder` run directory."""
-  return SpeechDecoder.from_params(
-      load_config(os.path.join(flow_run, "config.yaml")),
-      load_config(os.path.join(vocoder_run, "config.yaml")),
-      restore_params(flow_run)["flow"], restore_params(vocoder_run)["generator"])
+def _decoder_part(path: str, kind: str) -> tuple[RunConfig, dict]:
+  """(config, parameters) of a `task: <kind>` run directory's newest checkpoint, or of its
+  export (`stepaudio export`)."""
+  if is_export(path):
+    return read_export(path, kind)
+  config = os.path.join(path, "config.yaml")
+  if not os.path.isfile(config):
+    raise ExportError(f"--{kind} {path}: neither a run directory (no config.yaml) nor an export "
+                      "(no config.json)")
+  _, params = restore_deliverable(path, f"--{kind}")
+  return load_config(config), params
+
+
+def load_decoder(flow: str, vocoder: str) -> SpeechDecoder:
+  """A flow model and a vocoder, each from its run directory or its export."""
+  (flow_cfg, flow_params), (voc_cfg, voc_params) = (_decoder_part(flow, "flow"),
+                                                    _decoder_part(vocoder, "vocoder"))
+  return SpeechDecoder.from_params(flow_cfg, voc_cfg, flow_params, voc_params)
 
 
 def split_tags(text: str) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""`stepaudio generate`: sample from the Step1 LM of a checkpoint with the KV-cache sampler.
+"""`stepaudio generate`: sample from a run's Step1 LM (what it delivers: a pretraining or SFT
+run's LM, a PPO run's policy; or another LM of it with --model) with the KV-cache sampler.
 
 The prompt is token ids, or plain text that the run's own tokenizer encodes after bos (not the
 chat-turn format). The LM is read array by array like `score` (float32 parameters); it computes
@@ -12,9 +13,8 @@ import jax
 from flax import nnx
 
 from stepaudio_jax.data.tokenizer import make_tokenizer
-from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
+from stepaudio_jax.export.orbax_reader import ExportError, ModelReader
 from stepaudio_jax.export.score import load_lm
-from stepaudio_jax.export.step1_layout import LM
 from stepaudio_jax.inference.decode import left_pad
 from stepaudio_jax.inference.sampler import SamplingConfig, make_sampler
 from stepaudio_jax.models.step1 import Step1
@@ -30,14 +30,12 @@ class Generation:
 
 def generate(checkpoint: str, prompt: str | list[int], max_new_tokens: int = 32,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             no_repeat_ngram: int = 0, dtype: str = "float32", seed: int = 0) -> Generation:
+             no_repeat_ngram: int = 0, dtype: str = "float32", seed: int = 0,
+             model: str = "") -> Generation:
   """Sample one continuation of `prompt` (text, or token ids) from `checkpoint` (a run or a step
   directory); `dtype` is "float32" or "run" (the run's model.compute_dtype)."""
-  reader = CheckpointReader(checkpoint)
-  if not any(path[:len(LM)] == LM for path in reader.paths):
-    raise ExportError(f"{reader.step_dir} holds no Step1 LM at {'.'.join(LM)} (the pretraining "
-                      "task's model); generate samples that LM")
-  run_cfg = load_run_config(reader.run_dir)
+  reader = ModelReader(checkpoint, model, "step1")
+  run_cfg = reader.config
   ids = run_cfg.tokens
   try:
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram,
@@ -52,24 +50,30 @@ def generate(checkpoint: str, prompt: str | list[int], max_new_tokens: int = 32,
   bad = [t for t in prompt if not 0 <= t < vocab]
   if not prompt or bad:
     raise ExportError(f"the prompt {'is empty' if not prompt else f'has ids {bad}'}: pass ids "
-                      f"in [0, {vocab}), the vocabulary of {reader.run_dir}")
+                      f"in [0, {vocab}), the vocabulary of {reader.checkpoint.run_dir}")
 
-  model = load_lm(reader.step_dir)  # float32 parameters and compute
-  params = nnx.to_pure_dict(nnx.state(model))
+  longest = run_cfg.model.max_seq_len
+  if len(prompt) + max_new_tokens > longest:
+    raise ExportError(f"the prompt ({len(prompt)} ids) and --max-new-tokens {max_new_tokens} "
+                      f"exceed the model's max_seq_len {longest}; shorten the prompt or lower "
+                      "--max-new-tokens")
+  lm = load_lm(reader.checkpoint.step_dir, reader.name)  # float32 parameters and compute
+  params = nnx.to_pure_dict(nnx.state(lm))
   if dtype == "run":
-    cfg = dataclasses.replace(model.cfg, compute_dtype=run_cfg.model.compute_dtype)
-    model = nnx.eval_shape(lambda: Step1(cfg, rngs=nnx.Rngs(0)))
+    cfg = dataclasses.replace(lm.cfg, compute_dtype=run_cfg.model.compute_dtype)
+    lm = nnx.eval_shape(lambda: Step1(cfg, rngs=nnx.Rngs(0)))
   prompts, key = left_pad([prompt], ids.pad_id), jax.random.key(seed)
   start = time.perf_counter()
-  sample = make_sampler(model).lower(params, prompts, sampling, key).compile()
+  sample = make_sampler(lm).lower(params, prompts, sampling, key).compile()
   compile_s, start = time.perf_counter() - start, time.perf_counter()
   out = jax.device_get(sample(params, prompts, key))
   seconds = time.perf_counter() - start
   n = int(out.lengths[0])
   result = {
-      "checkpoint": reader.step_dir, "step": reader.step, "prompt_tokens": prompt,
+      "checkpoint": reader.checkpoint.step_dir, "step": reader.checkpoint.step,
+      "model": reader.name, "prompt_tokens": prompt,
       "tokens": out.tokens[0, :n].tolist(), "logprobs": out.logprobs[0, :n].tolist(),
-      "truncated": bool(out.truncated[0]), "compute_dtype": model.cfg.compute_dtype.value,
+      "truncated": bool(out.truncated[0]), "compute_dtype": lm.cfg.compute_dtype.value,
       **dataclasses.asdict(sampling), "seed": seed,
   }
   text = None

@@ -38,7 +38,14 @@ def read_hf_config(hf_dir: str) -> tuple[dict, str]:
   if not os.path.isfile(path):
     raise ExportError(f"{path} does not exist; HF_DIR must hold config.json and safetensors")
   with open(path) as f:
-    return json.load(f), path
+    try:
+      hf = json.load(f)
+    except ValueError as e:
+      raise ExportError(f"{path}: not valid JSON ({e}); HF_DIR must hold the model's "
+                        "config.json") from None
+  if not isinstance(hf, dict):
+    raise ExportError(f"{path}: the top level must be an object of model fields")
+  return hf, path
 
 
 def resolve_config(hf: dict, hf_path: str, config: str, overrides: Sequence[str],
@@ -58,6 +65,27 @@ def resolve_config(hf: dict, hf_path: str, config: str, overrides: Sequence[str]
   if src_vocab > cfg.model.vocab_size:
     cfg = load_config(config, items + [f"model.vocab_size={src_vocab}"])
   return cfg, src_vocab
+
+
+def check_token_layout(hf_dir: str, cfg: RunConfig) -> None:
+  """An export says where its text, audio and image ids lie (tokenizer_config.json); a config
+  that puts them elsewhere would read every audio code as another token, so it is refused."""
+  path = os.path.join(hf_dir, "tokenizer_config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    theirs = json.load(f).get("token_layout")
+  if not theirs:
+    return
+  ours = layout.tokenizer_config(cfg.model, cfg.tokens, False)["token_layout"]
+  keys = ("text", "audio_linguistic", "audio_semantic", "image_placeholder")
+  differ = [k for k in keys if k in theirs and list(np.ravel(theirs[k])) != list(np.ravel(ours[k]))]
+  if differ:
+    k = differ[0]
+    raise ExportError(
+        f"{path}: token_layout.{k} is {theirs[k]} but the config puts it at {ours[k]}; import "
+        "with a config whose tokens section matches the export (tokens.text_vocab_size, "
+        "tokens.linguistic_codes, tokens.semantic_codes; e.g. the run config that trained it)")
 
 
 def _source_name(name: str, hf: dict, tensors: SafetensorsDir) -> str:
@@ -129,6 +157,7 @@ def import_hf(hf_dir: str, run_dir: str, *, config: str = "configs/base.yaml",
   vision = vision_import.siglip_vision_config(vision_dir) if vision_dir else {}
   cfg, src_vocab = resolve_config(hf, hf_path, config, [*overrides, f"train.run_dir={run_dir}"],
                                   vision)
+  check_token_layout(hf_dir, cfg)
   tensors = SafetensorsDir(hf_dir)
   check_tensors(layout.tensor_maps(cfg.model), hf, tensors, hf_dir, src_vocab)
   ckpt_dir = os.path.join(run_dir, "checkpoints")

@@ -16,8 +16,9 @@ import os
 import numpy as np
 import tensorstore as ts
 
-from stepaudio_jax.config import RunConfig
-from stepaudio_jax.tasks.registry import load_config
+from stepaudio_jax.config import ConfigError, RunConfig
+from stepaudio_jax.tasks.base import Deliverable
+from stepaudio_jax.tasks.registry import deliverable, load_config
 from stepaudio_jax.training.checkpoint_format import refusal
 
 
@@ -145,4 +146,65 @@ class CheckpointReader:
       local = tuple(slice(p.start - lo, p.stop - lo)
                     for p, lo in zip(part, view.domain.inclusive_min))
       out[local] = view[part].read().result()
+    return out
+
+
+class ModelReader:
+  """The arrays of one model of a run, by their path inside the model: what the run delivers
+  (its task's first deliverable: a PPO run's policy, a reward run's reward model, ...) or
+  another of its models by name. A model's arrays may be trainable or frozen in the state."""
+
+  def __init__(self, checkpoint: str, name: str = "", kind: str = ""):
+    self.checkpoint = CheckpointReader(checkpoint)
+    self.config = load_run_config(self.checkpoint.run_dir)
+    try:
+      self.name, self.model = deliverable(self.config.task, name, self.checkpoint.run_dir)
+    except ConfigError as e:
+      raise ExportError(str(e)) from None
+    if kind and self.model.kind != kind:
+      raise ExportError(f"{self.checkpoint.run_dir}: model {self.name!r} of this "
+                        f"{self.config.task} run is a {self.model.kind} model, not a {kind} "
+                        "model; choose another with --model")
+    roots = [(tree, self.model.group, *self.model.within) for tree in ("params", "frozen")]
+    self._stored = {p[len(r):]: p for p in self.checkpoint.paths for r in roots
+                    if p[:len(r)] == r}
+    if not self._stored:
+      raise ExportError(f"{self.checkpoint.state_dir} holds no arrays of model {self.name!r} "
+                        f"(at {'.'.join(roots[0][1:])}); it is not a checkpoint of this run's "
+                        f"{self.config.task} task")
+
+  @property
+  def deliverable(self) -> Deliverable:
+    return self.model
+
+  def path(self, inner: tuple[str, ...]) -> tuple[str, ...]:
+    if inner not in self._stored:
+      raise ExportError(f"{self.checkpoint.state_dir}: model {self.name!r} has no array "
+                        f"{'.'.join(inner)}; it is not a checkpoint of this model")
+    return self._stored[inner]
+
+  @property
+  def inner_paths(self) -> list[tuple[str, ...]]:
+    return sorted(self._stored)
+
+  def shape(self, inner: tuple[str, ...]) -> tuple[int, ...]:
+    return self.checkpoint.shape(self.path(inner))
+
+  def chunk_shape(self, inner: tuple[str, ...]) -> tuple[int, ...]:
+    return self.checkpoint.chunk_shape(self.path(inner))
+
+  def dtype(self, inner: tuple[str, ...]) -> np.dtype:
+    return self.checkpoint.dtype(self.path(inner))
+
+  def read(self, inner: tuple[str, ...], index=()) -> np.ndarray:
+    return self.checkpoint.read(self.path(inner), index)
+
+  def tree(self) -> dict:
+    """Every array of the model as a nested dict (for small models: the speech decoder)."""
+    out: dict = {}
+    for inner in self.inner_paths:
+      node = out
+      for k in inner[:-1]:
+        node = node.setdefault(k, {})
+      node[inner[-1]] = self.read(inner)
     return out

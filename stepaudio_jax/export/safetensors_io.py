@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from stepaudio_jax.export.orbax_reader import ExportError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -143,14 +145,23 @@ class SafetensorsFile:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} does not exist")
     self.path = path
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-      (length,) = struct.unpack("<Q", f.read(8))
+      head = f.read(8)
+      length = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+      if 8 + length > size:
+        raise ExportError(f"{path}: not a safetensors file, or cut short (its header says "
+                          f"{length} bytes, the file has {size}); copy or export it again")
       try:
         self.header = json.loads(f.read(length))
       except ValueError as e:
-        raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
+        raise ExportError(f"{path}: not a safetensors file (bad header: {e})") from None
     self.metadata = self.header.pop("__metadata__", {})
     self._data_start = 8 + length
+    end = max((t["data_offsets"][1] for t in self.header.values()), default=0)
+    if self._data_start + end > size:
+      raise ExportError(f"{path}: cut short: its tensors need {self._data_start + end} bytes, the "
+                        f"file has {size}; copy or export it again")
     self._map = np.memmap(path, dtype=np.uint8, mode="r")
 
   def keys(self) -> list[str]:

@@ -1,7 +1,8 @@
-"""`stepaudio score`: the JAX model's logits for given token ids, the reference side of parity.
+"""`stepaudio score`: the JAX model's outputs for given token ids, the reference side of parity.
 
-Runs the LM alone (no images) in float32, from the parameters of one checkpoint step, so an
-exported model can be checked against it on any machine.
+Runs the run's deliverable (or its model named with --model) alone (no images) in float32, from
+the parameters of one checkpoint step, so an exported model can be checked against it on any
+machine: a Step1 LM gives logits [T, V], a reward model (or critic) one score per position [T].
 """
 
 import dataclasses
@@ -14,35 +15,55 @@ from jaxtyping import Float
 
 from stepaudio_jax.config.model import DType, Step1Config
 from stepaudio_jax.export import step1_layout as layout
-from stepaudio_jax.export.orbax_reader import CheckpointReader, ExportError, load_run_config
+from stepaudio_jax.export.orbax_reader import ExportError, ModelReader
+from stepaudio_jax.models.reward import RewardModel
 from stepaudio_jax.models.step1 import Step1
 
+MODULES = {"step1": Step1, "reward": RewardModel}
 
-def load_lm(checkpoint: str) -> Step1:
-  """The Step1 LM of a checkpoint with float32 compute (parameters read array by array)."""
-  reader = CheckpointReader(checkpoint)
-  cfg = load_run_config(reader.run_dir).model
-  cfg = dataclasses.replace(cfg, compute_dtype=DType.FLOAT32, param_dtype=DType.FLOAT32)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Step1(cfg, rngs=nnx.Rngs(0))))
+
+def load_model(checkpoint: str, model: str = "", kind: str = "") -> Step1 | RewardModel:
+  """A run's Step1 LM or reward model with float32 compute (parameters read array by array):
+  its deliverable, or its model named `model`; `kind` refuses a model of another kind."""
+  reader = ModelReader(checkpoint, model, kind)
+  if reader.deliverable.kind not in MODULES:
+    raise ExportError(f"{reader.checkpoint.run_dir}: model {reader.name!r} is a "
+                      f"{reader.deliverable.kind} model; score and generate read Step1 LMs and "
+                      "reward models (choose one with --model)")
+  cfg = dataclasses.replace(reader.config.model, compute_dtype=DType.FLOAT32,
+                            param_dtype=DType.FLOAT32)
+  build = MODULES[reader.deliverable.kind]
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
+  maps = layout.reward_tensor_maps(cfg) if build is RewardModel else layout.tensor_maps(cfg)
   params: dict = {}
-  for path in {m.path for m in layout.tensor_maps(cfg)}:
+  for inner in {m.ours for m in maps}:
     node = params
-    for key in path[len(layout.LM):-1]:
+    for key in inner[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(reader.read(path), jnp.float32)
+    node[inner[-1]] = jnp.asarray(reader.read(inner), jnp.float32)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
 
-def score(checkpoint: str, tokens: list[int]) -> Float[np.ndarray, "T V"]:
+def load_lm(checkpoint: str, model: str = "") -> Step1:
+  """The Step1 LM a run delivers (or its model named `model`), float32."""
+  return load_model(checkpoint, model, "step1")
+
+
+def score(checkpoint: str, tokens: list[int], model: str = ""
+          ) -> Float[np.ndarray, "T V"] | Float[np.ndarray, " T"]:
   if not tokens:
     raise ExportError("--tokens is empty; pass comma-separated token ids, e.g. 1,5,9")
-  model = load_lm(checkpoint)
-  cfg: Step1Config = model.cfg
+  model = load_model(checkpoint, model)
+  cfg: Step1Config = model.cfg if isinstance(model, Step1) else model.lm.cfg
   bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
   if bad:
     raise ExportError(f"--tokens {bad} are outside the vocabulary [0, {cfg.vocab_size}) of "
                       f"{checkpoint}; pass ids below {cfg.vocab_size}")
   ids = jnp.asarray(tokens, jnp.int32)[None, :]
+  if isinstance(model, RewardModel):
+    seg = jnp.ones_like(ids)
+    pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :]
+    return np.asarray(jax.jit(lambda m, x: m(x, seg, pos))(model, ids)[0], np.float32)
   logits = jax.jit(lambda m, x: m(x))(model, ids)
   return np.asarray(logits[0], np.float32)

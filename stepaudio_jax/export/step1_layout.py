@@ -15,13 +15,13 @@ import numpy as np
 
 from stepaudio_jax.config.model import PositionEncoding, Step1Config, TokenLayout
 
-LM = ("params", "model", "lm")  # the pretraining task's model `model`, its Step1 `lm`
 STEP1_ARCH, LLAMA_ARCH = "Step1ForCausalLM", "LlamaForCausalLM"
+REWARD_ARCH = "Step1ForRewardModel"  # the Step1 backbone with a scalar `score` head (bias too)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """One public tensor: name, our array (path under params.lm) and layer, and both transforms."""
+  """One public tensor: name, our array (path inside the model) and layer, both transforms."""
 
   name: str
   ours: tuple[str, ...]
@@ -31,10 +31,6 @@ class TensorMap:
   to_public: Callable[[np.ndarray], np.ndarray]  # also maps a block along row_axis to rows
   to_ours: Callable[[np.ndarray], np.ndarray]
   row_axis: int = 0  # the axis of our (one-layer) array that becomes the public leading axis
-
-  @property
-  def path(self) -> tuple[str, ...]:
-    return LM + self.ours
 
   @property
   def index(self) -> tuple:
@@ -49,8 +45,10 @@ def _t(x: np.ndarray) -> np.ndarray:
   return x.T
 
 
-def tensor_maps(cfg: Step1Config) -> list[TensorMap]:
-  """Every public tensor of the LM, in checkpoint order (embedding, layers, norm, head)."""
+def tensor_maps(cfg: Step1Config, lm_head: bool = True, prefix: tuple[str, ...] = ()
+                ) -> list[TensorMap]:
+  """Every public tensor of the LM, in checkpoint order (embedding, layers, norm, head);
+  `prefix` is where the Step1 tree sits inside the model (a reward model's `lm`)."""
   d, n, k, h, f, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                       cfg.intermediate_size, cfg.vocab_size)
 
@@ -78,8 +76,19 @@ def tensor_maps(cfg: Step1Config) -> list[TensorMap]:
              for name, ours, pub, our, fwd, back, axis in layer]
   maps.append(TensorMap("model.norm.weight", ("final_norm", "scale"), None, (d,), (d,), _same,
                         _same))
-  maps.append(TensorMap("lm_head.weight", ("lm_head",), None, (v, d), (d, v), _t, _t, 1))
-  return maps
+  if lm_head:
+    maps.append(TensorMap("lm_head.weight", ("lm_head",), None, (v, d), (d, v), _t, _t, 1))
+  return [dataclasses.replace(m, ours=prefix + m.ours) for m in maps] if prefix else maps
+
+
+def reward_tensor_maps(cfg: Step1Config) -> list[TensorMap]:
+  """A reward model (or critic): the Step1 backbone without its LM head, then the scalar head
+  as `score` [1, D] and its bias [1]."""
+  d = cfg.hidden_size
+  return tensor_maps(cfg, lm_head=False, prefix=("lm",)) + [
+      TensorMap("score.weight", ("head", "weight"), None, (1, d), (d, 1), _t, _t, 1),
+      TensorMap("score.bias", ("head", "bias"), None, (1,), (1,), _same, _same, 0),
+  ]
 
 
 def stacked_shape(cfg: Step1Config, m: TensorMap) -> tuple[int, ...]:
@@ -87,12 +96,16 @@ def stacked_shape(cfg: Step1Config, m: TensorMap) -> tuple[int, ...]:
   return m.our_shape if m.layer is None else (cfg.num_layers,) + m.our_shape
 
 
-def architecture(cfg: Step1Config) -> str:
+def architecture(cfg: Step1Config, kind: str = "step1") -> str:
+  if kind == "reward":
+    return REWARD_ARCH
   return LLAMA_ARCH if cfg.position_encoding == PositionEncoding.ROPE else STEP1_ARCH
 
 
-def hf_config(cfg: Step1Config, tokens: TokenLayout, torch_dtype: str) -> dict:
-  """config.json: the public Step1 fields, or a plain Llama config for the rope variant."""
+def hf_config(cfg: Step1Config, tokens: TokenLayout, torch_dtype: str, kind: str = "step1"
+              ) -> dict:
+  """config.json: the public Step1 fields, or a plain Llama config for the rope variant; a
+  reward model says so (its architecture, its head) and how it encodes positions."""
   common = {
       "hidden_size": cfg.hidden_size,
       "num_hidden_layers": cfg.num_layers,
@@ -108,6 +121,11 @@ def hf_config(cfg: Step1Config, tokens: TokenLayout, torch_dtype: str) -> dict:
       "tie_word_embeddings": False,
       "torch_dtype": torch_dtype,
   }
+  if kind == "reward":
+    return {"architectures": [REWARD_ARCH], "model_type": "step1_reward", **common,
+            "num_attention_groups": cfg.num_kv_heads, "max_seq_len": cfg.max_seq_len,
+            "position_encoding": cfg.position_encoding.value, "rope_theta": cfg.rope_theta,
+            "score_head": {"outputs": 1, "bias": True, "read_at": "last token (the <|EOT|>)"}}
   if architecture(cfg) == STEP1_ARCH:
     return {"architectures": [STEP1_ARCH], "model_type": "step1", **common,
             "num_attention_groups": cfg.num_kv_heads, "max_seq_len": cfg.max_seq_len,

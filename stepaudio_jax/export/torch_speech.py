@@ -1,16 +1,11 @@
 """The flow model and the HiFi-GAN generator in PyTorch, loading exported JAX weights.
 
 `state_dict(params)` turns a model's JAX parameter tree (state.params["flow"] or
-state.params["generator"]) into a torch state dict. Names are the JAX paths joined by dots
-(`encoder.0.attn.qkv.weight`, `ups.1.weight`, `resblocks.3.convs1.0.bias`, `code_embed`), the
-module tree of FlowTorch / GeneratorTorch below, so `load_state_dict(strict=True)` checks every
-name and shape. Layouts (JAX -> torch):
-  Dense [in, out] -> nn.Linear [out, in]; LayerNorm scale -> weight;
-  Conv1d [k, in/groups, out] -> nn.Conv1d [out, in/groups, k];
-  ConvTranspose1d (under `ups.`, stored as the equivalent forward kernel [k, in, out])
-    -> nn.ConvTranspose1d [in, out, k] with the kernel reversed;
-  Conv2d [kh, kw, in, out] -> [out, in, kh, kw].
-Torch modules take and return the JAX tensors' layouts ([B, T, C]) so outputs compare directly.
+state.params["generator"]) into a torch state dict, with the names and layouts of
+export/speech_layout.py: the module tree of FlowTorch / GeneratorTorch below, so
+`load_state_dict(strict=True)` checks every name and shape. `from_pretrained(dir)` builds either
+from an export directory (`stepaudio export` of a flow or vocoder run), strictly. Torch modules
+take and return the JAX tensors' layouts ([B, T, C]) so outputs compare directly.
 """
 
 import math
@@ -21,33 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from stepaudio_jax.config.speech import FlowConfig, VocoderConfig
-
-
-def _flatten(tree, prefix=""):
-  for k, v in tree.items():
-    name = f"{prefix}.{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      yield from _flatten(v, name)
-    else:
-      yield name, np.asarray(v)
+from stepaudio_jax.export.speech_layout import public_tensors
+from stepaudio_jax.export.torch_step1 import read_export
 
 
 def state_dict(params: dict) -> dict[str, torch.Tensor]:
-  """JAX parameter tree of one model -> torch state dict (see the module docstring)."""
-  out = {}
-  for name, a in _flatten(params):
-    if name.endswith(".scale"):
-      name = name[:-len("scale")] + "weight"
-    elif name.endswith(".weight") and a.ndim == 2:
-      a = a.T
-    elif name.endswith(".weight") and a.ndim == 3 and name.startswith("ups."):
-      a = a[::-1].transpose(1, 2, 0)
-    elif name.endswith(".weight") and a.ndim == 3:
-      a = a.transpose(2, 1, 0)
-    elif name.endswith(".weight") and a.ndim == 4:
-      a = a.transpose(3, 2, 0, 1)
-    out[name] = torch.tensor(np.ascontiguousarray(a, np.float32))
-  return out
+  """JAX parameter tree of one model -> torch state dict (export/speech_layout.py)."""
+  return {name: torch.tensor(a.astype(np.float32)) for name, a in public_tensors(params).items()}
 
 
 def sinusoid(x: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -142,6 +117,13 @@ class FlowTorch(nn.Module):
     self.out_modulation = nn.Linear(cfg.dim, 2 * cfg.dim)
     self.out_proj = nn.Linear(cfg.dim, n_mels)
 
+  @classmethod
+  def from_pretrained(cls, directory: str) -> "FlowTorch":
+    cfg, tensors = read_export(directory, "StepAudioFlow")
+    module = cls(FlowConfig(**cfg["flow"]), cfg["mel"]["n_mels"], cfg["speaker_dim"])
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return module.eval()
+
   def encode(self, codes, n, f, frames):
     mask = torch.arange(codes.shape[1])[None] < n[:, None]
     x = self.code_embed[codes]
@@ -192,6 +174,13 @@ class GeneratorTorch(nn.Module):
                             for rk in cfg.resblock_kernels)
     self.conv_post = nn.Conv1d(ch, 1, 7, padding=3)
     self.kernels = len(cfg.resblock_kernels)
+
+  @classmethod
+  def from_pretrained(cls, directory: str) -> "GeneratorTorch":
+    cfg, tensors = read_export(directory, "StepAudioHiFiGAN")
+    module = cls(VocoderConfig(**cfg["vocoder"]), cfg["mel"]["n_mels"])
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return module.eval()
 
   def forward(self, mel):
     x = self.conv_pre(mel.transpose(1, 2))

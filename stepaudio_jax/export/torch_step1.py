@@ -119,25 +119,56 @@ class Step1ForCausalLM(nn.Module):
   @classmethod
   def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32):
     """Build from config.json and load every tensor of the safetensors files, strictly."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} does not exist; export the model first")
-    with open(config_path) as f:
-      cfg = json.load(f)
-    if cfg.get("architectures") != ["Step1ForCausalLM"]:
-      raise ValueError(
-          f"{config_path}: architectures={cfg.get('architectures')}, not Step1ForCausalLM "
-          "(a rope export is a LlamaForCausalLM: load it with transformers)"
-      )
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-      files = ["model.safetensors"]
-    state = {}
-    for name in files:
-      state.update(load_file(os.path.join(directory, name)))
+    cfg, state = read_export(directory, "Step1ForCausalLM")
     model = cls(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
+
+
+class Step1ForRewardModel(nn.Module):
+  """A reward model (or critic) export: the Step1 backbone and a scalar `score` head with a
+  bias; one float32 score per position (a reward model's is read at the closing <|EOT|>)."""
+
+  def __init__(self, cfg: dict):
+    super().__init__()
+    self.config = cfg
+    self.model = Step1Model(cfg)
+    self.score = nn.Linear(cfg["hidden_size"], 1, bias=True)
+
+  def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    """Scores [B, T] in float32."""
+    return self.score(self.model(input_ids).float())[..., 0]
+
+  @classmethod
+  def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32):
+    cfg, state = read_export(directory, "Step1ForRewardModel")
+    if cfg.get("position_encoding", "alibi_sqrt") != "alibi_sqrt":
+      raise ValueError(f"{directory}: position_encoding={cfg['position_encoding']!r}; this module "
+                       "implements the square-root ALiBi of Step1")
+    model = cls(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
+
+
+def read_export(directory: str, architecture: str) -> tuple[dict, dict[str, torch.Tensor]]:
+  """(config.json, every tensor of the safetensors files) of an export of `architecture`."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} does not exist; export the model first")
+  with open(config_path) as f:
+    cfg = json.load(f)
+  if cfg.get("architectures") != [architecture]:
+    raise ValueError(
+        f"{config_path}: architectures={cfg.get('architectures')}, not {architecture} (a rope LM "
+        "export is a LlamaForCausalLM: load it with transformers)"
+    )
+  index = os.path.join(directory, INDEX_NAME)
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = ["model.safetensors"]
+  state = {}
+  for name in files:
+    state.update(load_file(os.path.join(directory, name)))
+  return cfg, state

@@ -95,6 +95,21 @@ class Update:
   report_first: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class Deliverable:
+  """A model that leaves its run (export, score, generate, another run's warm start): the
+  group of the state that holds it, the subtree within that group, and what it is.
+
+  `kind` says how it is read and exported: "step1" (a Step1 LM), "reward" (the Step1 backbone
+  with a scalar head: a reward model or a critic), "flow" (codes -> mel), "vocoder" (mel ->
+  waveform).
+  """
+
+  group: str
+  kind: str
+  within: tuple[str, ...] = ()
+
+
 def minibatch(batch, minibatches: int, index: jax.Array, epoch: jax.Array | int = 0,
               key: jax.Array | None = None):
   """Minibatch `index` of `minibatches` in pass `epoch` over the rows of `batch` (any tree of
@@ -140,6 +155,8 @@ class Task:
   throughput_unit: str = "tokens"
   # The YAML sections this task reads besides RunConfig's: name -> frozen dataclass.
   sections: ClassVar[Mapping[str, type]] = {}
+  # The models of a run that may leave it, by name; the first is what the run delivers.
+  deliverables: ClassVar[Mapping[str, Deliverable]] = {}
 
   @classmethod
   def check_config(cls, cfg: RunConfig) -> None:
@@ -208,19 +225,26 @@ class Task:
     """Analytic model FLOPs of one step, for MFU (0 = not reported)."""
     return 0.0
 
-  def warm_start(self, params: dict, frozen: dict, load: Callable[[str], dict]
-                 ) -> tuple[dict, dict]:
-    """Step-0 (params, frozen) from other runs; `load(run_dir)` gives a run's trainable
-    parameters by model, as host arrays. By default the models `checkpoint.init_from` also has
-    are taken as they are."""
+  def warm_start(self, params: dict, frozen: dict,
+                 load: Callable[..., tuple[Deliverable, dict]]) -> tuple[dict, dict]:
+    """Step-0 (params, frozen) from other runs; `load(run_dir, key)` gives what a run delivers
+    (its Deliverable and its parameters as host arrays; `key` names the setting in errors).
+    By default `checkpoint.init_from` gives this task's own deliverable, of the same kind."""
     source = self.cfg.checkpoint.init_from
     if not source:
       return params, frozen
-    out = dict(params)
-    for name, tree in load(source).items():
-      if name in out:
-        out[name] = tree
-    return out, frozen
+    got, tree = load(source, "checkpoint.init_from")
+    if not self.deliverables:
+      raise ValueError(f"checkpoint.init_from: a {self.cfg.task} run takes no model from "
+                       "another run")
+    want = next(iter(self.deliverables.values()))
+    if got.kind != want.kind or want.within:
+      raise ValueError(f"checkpoint.init_from={source!r} delivers a {got.kind} model; a "
+                       f"{self.cfg.task} run starts from a {want.kind} model")
+    if jax.tree.map(jnp.shape, tree) != jax.tree.map(jnp.shape, params[want.group]):
+      raise ValueError(f"checkpoint.init_from={source!r}: its {got.kind} model has other shapes "
+                       "than this run's; use the model config it was trained with")
+    return {**params, want.group: tree}, frozen
 
   # -- provided ----------------------------------------------------------------------------
 

@@ -23,13 +23,14 @@ from stepaudio_jax.audio.mel import log_mel
 from stepaudio_jax.config.speech import FlowConfig, MelConfig, SpeechDataConfig
 from stepaudio_jax.data.speech_pairs import FlowSource, load_pairs, split_file
 from stepaudio_jax.models.flow import FlowModel
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import BatchField, Deliverable, Model, Split, Task, Update
 
 
 class FlowTask(Task):
   progress_keys = ("loss", "grad_norm", "learning_rate")
   throughput_unit = "frames"
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "flow": FlowConfig}
+  deliverables = {"flow": Deliverable("flow", "flow")}
 
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)

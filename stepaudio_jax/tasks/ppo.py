@@ -38,7 +38,8 @@ from stepaudio_jax.inference.decode import Prompts
 from stepaudio_jax.inference.sampler import SamplingConfig, sample, sequences, token_logprobs
 from stepaudio_jax.models.reward import RewardModel
 from stepaudio_jax.models.step1 import Step1
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update, map_first_pass
+from stepaudio_jax.tasks.base import (BatchField, Deliverable, Model, Split, Task, Update,
+                                      map_first_pass)
 from stepaudio_jax.tasks.lm_config import check_lm_config
 from stepaudio_jax.tasks.reward import read_score_stats
 
@@ -153,6 +154,10 @@ class PPOTask(Task):
                    "rollout/response_length", "learning_rate/policy")
 
   sections = {"ppo": PPOConfig}
+  deliverables = {"policy": Deliverable("policy", "step1"),  # never the frozen reference
+                  "critic": Deliverable("critic", "reward"),
+                  "reference": Deliverable("reference", "step1"),
+                  "reward": Deliverable("reward", "reward")}
 
   @classmethod
   def check_config(cls, cfg):
@@ -348,16 +353,16 @@ class PPOTask(Task):
     ppo.reward_from (backbone and head): a run without a head is an error, never a random
     head."""
     p = self.cfg.ppo
-    policy = load(p.policy_from)
-    if "model" not in policy or "lm" not in policy["model"]:
-      raise ValueError(f"ppo.policy_from={p.policy_from!r} holds no LM (models: "
-                       f"{sorted(policy)}); point it at an SFT run")
-    reward = load(p.reward_from)
-    if "reward" not in reward or "head" not in reward["reward"]:
-      raise ValueError(f"ppo.reward_from={p.reward_from!r} holds no reward model with a head "
-                       f"(models: {sorted(reward)}); point it at a task=reward run")
-    lm = _checked(frozen["reference"], policy["model"]["lm"], "ppo.policy_from")
-    rm = _checked(frozen["reward"], reward["reward"], "ppo.reward_from")
+    got, policy = load(p.policy_from, "ppo.policy_from")
+    if got.kind != "step1":
+      raise ValueError(f"ppo.policy_from={p.policy_from!r} delivers a {got.kind} model, not a "
+                       "Step1 LM; point it at an SFT run")
+    got, reward = load(p.reward_from, "ppo.reward_from")
+    if got.kind != "reward" or "head" not in reward:
+      raise ValueError(f"ppo.reward_from={p.reward_from!r} delivers a {got.kind} model, not a "
+                       "reward model with a head; point it at a task=reward run")
+    lm = _checked(frozen["reference"], policy, "ppo.policy_from")
+    rm = _checked(frozen["reward"], reward, "ppo.reward_from")
     return ({**params, "policy": lm, "critic": rm},
             {**frozen, "reference": lm, "reward": rm})
 

@@ -21,7 +21,7 @@ from stepaudio_jax.data.synthetic import EVAL_SPLIT, SyntheticSource, TRAIN_SPLI
 from stepaudio_jax.models import flops
 from stepaudio_jax.models.omni import StepOmni, TRAINABLE, expand_vocabulary
 from stepaudio_jax.tasks import lm_loss
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task
+from stepaudio_jax.tasks.base import BatchField, Deliverable, Model, Split, Task
 from stepaudio_jax.tasks.lm_config import check_lm_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class PretrainConfig:
 
 class PretrainTask(Task):
   sections = {"pretrain": PretrainConfig}
+  deliverables = {"lm": Deliverable("model", "step1", ("lm",))}
 
   @classmethod
   def check_config(cls, cfg):
@@ -99,10 +100,11 @@ class PretrainTask(Task):
     source = self.cfg.checkpoint.init_from
     if not source:
       return params, frozen
-    loaded = load(source)
-    if "model" not in loaded or "lm" not in loaded["model"]:
-      raise ValueError(f"checkpoint.init_from={source!r} holds no LM (models: {sorted(loaded)})")
-    lm = {"lm": loaded["model"]["lm"]}
+    got, tree = load(source, "checkpoint.init_from")
+    if got.kind != "step1":
+      raise ValueError(f"checkpoint.init_from={source!r} delivers a {got.kind} model, not a "
+                       "Step1 LM; point it at a pretraining, SFT or PPO run")
+    lm = {"lm": tree}
     old_vocab = lm["lm"]["embed"].shape[0]
     if old_vocab != self.cfg.model.vocab_size:
       lm = expand_vocabulary(lm, self.cfg.model.vocab_size,

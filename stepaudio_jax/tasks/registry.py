@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from stepaudio_jax.config import ConfigError, RunConfig
 from stepaudio_jax.config.loading import load
 from stepaudio_jax.parallel.mesh import LogicalSharding
-from stepaudio_jax.tasks.base import Task
+from stepaudio_jax.tasks.base import Deliverable, Task
 
 _TASKS: dict[str, str | type[Task]] = {
     "pretrain": "stepaudio_jax.tasks.pretrain:PretrainTask",  # Step-Omni next-token pretraining
@@ -42,6 +42,20 @@ def task_class(name: str) -> type[Task]:
     module, cls = entry.split(":")
     entry = _TASKS[name] = getattr(importlib.import_module(module), cls)
   return entry
+
+
+def deliverable(task: str, name: str = "", where: str = "the run") -> tuple[str, Deliverable]:
+  """(name, deliverable) of a `task` run: `name`, or the one the task delivers by default; a
+  ConfigError (one line, naming the models there are) for a name it does not hold."""
+  models = task_class(task).deliverables
+  if not models:
+    raise ConfigError(f"{where} (task {task}) has no model that leaves it")
+  if not name:
+    return next(iter(models.items()))
+  if name not in models:
+    raise ConfigError(f"{where} (task {task}) holds no model {name!r}; its models: "
+                      f"{', '.join(models)}")
+  return name, models[name]
 
 
 class _Catalog:

@@ -29,7 +29,8 @@ from stepaudio_jax.data.source import BatchSource
 from stepaudio_jax.data.templates import TemplateContext, template_context
 from stepaudio_jax.models import flops
 from stepaudio_jax.models.reward import RewardModel, last_token_index, score_at
-from stepaudio_jax.tasks.base import EVAL_METRICS, BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import (EVAL_METRICS, BatchField, Deliverable, Model, Split, Task,
+                                      Update)
 from stepaudio_jax.tasks.lm_config import check_lm_config
 
 ROW = ("act_batch", "act_length")
@@ -90,6 +91,7 @@ class RewardTask(Task):
   progress_keys = ("loss", "accuracy", "margin", "grad_norm", "learning_rate")
 
   sections = {"reward": RewardConfig}
+  deliverables = {"reward": Deliverable("reward", "reward")}
 
   @classmethod
   def check_config(cls, cfg):
@@ -190,13 +192,13 @@ class RewardTask(Task):
     source = self.cfg.checkpoint.init_from
     if not source:
       return params, frozen
-    loaded = load(source)
-    if "reward" in loaded:
-      return {**params, "reward": loaded["reward"]}, frozen
-    if "model" not in loaded or "lm" not in loaded["model"]:
-      raise ValueError(f"checkpoint.init_from={source!r} holds neither a reward model nor an "
-                       f"LM (models: {sorted(loaded)})")
-    lm = {k: v for k, v in loaded["model"]["lm"].items() if k != "lm_head"}
+    got, tree = load(source, "checkpoint.init_from")
+    if got.kind == "reward":
+      return {**params, "reward": tree}, frozen
+    if got.kind != "step1":
+      raise ValueError(f"checkpoint.init_from={source!r} delivers a {got.kind} model, neither "
+                       "a reward model nor a Step1 LM")
+    lm = {k: v for k, v in tree.items() if k != "lm_head"}
     want = jax.tree.map(lambda x: x.shape, params["reward"]["lm"])
     got = jax.tree.map(lambda x: x.shape, lm)
     if want != got:

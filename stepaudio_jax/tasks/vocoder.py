@@ -26,7 +26,7 @@ from stepaudio_jax.audio.mel import log_mel
 from stepaudio_jax.config.speech import MelConfig, SpeechDataConfig, VocoderConfig
 from stepaudio_jax.data.speech_pairs import SegmentSource, load_pairs, split_file
 from stepaudio_jax.models.hifigan import Discriminators, Generator
-from stepaudio_jax.tasks.base import BatchField, Model, Split, Task, Update
+from stepaudio_jax.tasks.base import BatchField, Deliverable, Model, Split, Task, Update
 
 
 def discriminator_loss(real: list, fake: list) -> jax.Array:
@@ -50,6 +50,7 @@ class VocoderTask(Task):
   TERMS = {"discriminator": (), "generator": ("adv", "fm", "mel_l1")}
 
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "vocoder": VocoderConfig}
+  deliverables = {"generator": Deliverable("generator", "vocoder")}
 
   @classmethod
   def check_config(cls, cfg):

@@ -24,7 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from stepaudio_jax.config import ConfigError
+from stepaudio_jax.config.loading import read_yaml
 from stepaudio_jax.config.training import CheckpointConfig
+from stepaudio_jax.tasks.base import Deliverable
+from stepaudio_jax.tasks.registry import deliverable
 from stepaudio_jax.training.checkpoint_format import LAYOUT, refusal
 
 log = logging.getLogger(__name__)
@@ -212,11 +216,12 @@ class Checkpointer:
         pass  # the same failure, raised by wait() above
 
 
-def restore_params(run_dir: str) -> dict:
-  """The trainable parameters, by model, of a run directory's newest checkpoint (host arrays).
+def restore_params(run_dir: str, trees: tuple[str, ...] = ("params",)) -> dict:
+  """The `trees` of the state ("params", "frozen"), by model, of a run directory's newest
+  checkpoint, as host arrays; with the default, the trainable parameters alone.
 
-  Reads only `params` (not the optimizer state), so init_from works for any model shape; the
-  caller checks the shapes against its own models.
+  Never reads the optimizer state, so a warm start works for any model shape; the caller
+  checks the shapes against its own models.
   """
   directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -236,8 +241,9 @@ def restore_params(run_dir: str) -> dict:
       refused = refusal(os.path.join(directory, str(step)), data)
       if refused:
         raise CheckpointError(refused)
-      params = manager.item_metadata(step)["state"].tree["params"]
-      target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params)}
+      tree = manager.item_metadata(step)["state"].tree
+      target = {t: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[t])
+                for t in trees if tree.get(t)}
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target,
           restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
@@ -250,4 +256,35 @@ def restore_params(run_dir: str) -> dict:
       ) from e
   finally:
     manager.close()
-  return restored["state"]["params"]
+  state = restored["state"]
+  return state["params"] if trees == ("params",) else state
+
+
+def _merged(a, b):
+  """Two trees of one model (its trainable and its frozen part) as one."""
+  if not isinstance(a, dict) or not isinstance(b, dict):
+    return b if isinstance(a, dict) and not a else a
+  return {k: _merged(a.get(k, {}), b.get(k, {})) for k in {**a, **b}}
+
+
+def restore_deliverable(run_dir: str, key: str = "checkpoint.init_from"
+                        ) -> tuple[Deliverable, dict]:
+  """(what it is, its parameters) of the model a run delivers (its task's first deliverable: a
+  pretraining run's LM, a PPO run's policy, a reward run's reward model, ...), from the newest
+  checkpoint, trainable and frozen parts together; `key` names the setting in errors."""
+  config = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(config):
+    raise CheckpointError(f"{key}={run_dir!r} has no {config}: it is not a run directory")
+  try:
+    task = read_yaml(config).get("task", "pretrain")
+    _, model = deliverable(task, where=f"{key}={run_dir!r}")
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from e
+  state = restore_params(run_dir, ("params", "frozen"))
+  tree = _merged(state.get("params", {}).get(model.group, {}),
+                 state.get("frozen", {}).get(model.group, {}))
+  for k in model.within:
+    tree = tree.get(k, {})
+  if not tree:
+    raise CheckpointError(f"{key}={run_dir!r}: its checkpoint holds no {model.group} model")
+  return model, tree

@@ -22,7 +22,11 @@ from stepaudio_jax.config import RunConfig, dump_config
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, next_global_batch
 from stepaudio_jax.tasks.base import EVAL_METRICS, Split
 from stepaudio_jax.training import loop
-from stepaudio_jax.training.checkpoint import Checkpointer, CheckpointError, restore_params
+from stepaudio_jax.training.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  restore_deliverable,
+)
 from stepaudio_jax.training.goodput import STACKS_FILE, HangWatchdog, StepTimes
 from stepaudio_jax.training.hooks import CheckpointHook, EvalHook, MetricsHook
 from stepaudio_jax.training.progress import Progress, device_peak_flops
@@ -62,7 +66,7 @@ def initial_state(run: Setup, ckpt: Checkpointer, source: BatchSource, say=print
     with jax.set_mesh(run.mesh):
       state = run.init()
     try:
-      params, frozen = run.task.warm_start(state.params, state.frozen, restore_params)
+      params, frozen = run.task.warm_start(state.params, state.frozen, restore_deliverable)
     except ValueError as e:
       raise CheckpointError(str(e)) from e
     params, frozen = _unaliased((params, frozen))
