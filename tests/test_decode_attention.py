@@ -96,6 +96,21 @@ def test_kernel_matches_reference(backend, name):
   assert err < TOL[c.dtype], f"{backend} {name}: max error {err:.2e} of the largest output"
 
 
+@pytest.mark.parametrize("backend", sorted(KERNELS))
+@pytest.mark.parametrize("name", ["step_mha_fp32", "prefill_rowblocks_fp32"])
+def test_kernel_index_arithmetic_keeps_its_dtype_under_x64(backend, name):
+  """Before: with jax_enable_x64 the block index lax.div(int32 length, Python int block) failed
+  (int32 vs int64)."""
+  c = CASES[name]
+  with jax.enable_x64(True):
+    q, k, v, sides = _cache(c)
+    got = KERNELS[backend](q, k, v, jnp.asarray(alibi_slopes(c.heads)), **sides,
+                           kv_length=jnp.int32(c.filled), bias=c.bias, block_k=c.block_k,
+                           block_rows=c.block_rows, interpret=True)
+    err = _rel_err(got, _reference(q, k, v, sides, c.bias))
+  assert err < TOL[c.dtype], f"{backend} {name}: max error {err:.2e} of the largest output"
+
+
 @pytest.mark.skipif(jax.default_backend() not in KERNELS, reason="needs a GPU or TPU "
                     "(JAX_PLATFORMS=cuda or tpu); interpret mode is tested above")
 @pytest.mark.parametrize("name", sorted(CASES))

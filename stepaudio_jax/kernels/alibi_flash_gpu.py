@@ -43,7 +43,7 @@ def _logits(st, q, k, slope, seg_ref, pos_ref, q_start, k_start):
 def _k_blocks_end(st, i, t):
   """Key blocks a query block needs: up to the diagonal when causal."""
   if st.causal:
-    return jax.lax.div(i * st.bq + st.bq + st.bk - 1, st.bk)
+    return tiles.div(i * st.bq + st.bq + st.bk - 1, st.bk)
   return t // st.bk
 
 

@@ -46,7 +46,7 @@ def _kernel(length_ref, slope_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, q_ref
 
   init = (jnp.full((st.br, 1), -jnp.inf, jnp.float32), jnp.zeros((st.br, 1), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  blocks = jax.lax.div(length + st.bk - 1, st.bk)
+  blocks = tiles.div(length + st.bk - 1, st.bk)
   _, l, acc = jax.lax.fori_loop(0, blocks, body, init)
   o_ref[...] = (acc / l).astype(o_ref.dtype)
 

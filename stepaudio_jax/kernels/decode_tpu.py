@@ -69,7 +69,7 @@ def _call(st, g: decode_layout.Grouped, k, v, kv_seg, kv_pos, length):
   s = k.shape[1]
 
   def live(j, length_ref):  # the last live key block for any later j
-    return jnp.minimum(j, jax.lax.div(length_ref[0] - 1, st.bk))  # lax.div: no sign op
+    return jnp.minimum(j, tiles.div(length_ref[0] - 1, st.bk))
 
   q_spec = pl.BlockSpec((None, kvh, st.br, hd), lambda b_, i, j, n: (b_, 0, i, 0))
   row_spec = pl.BlockSpec((None, st.br, 1), lambda b_, i, j, n: (b_, i, 0))

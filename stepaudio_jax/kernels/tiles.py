@@ -15,6 +15,12 @@ DIMS_NT = (((1,), (1,)), ((), ()))  # a @ b.T
 DIMS_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
+def div(x: Int[Array, ""], d: int) -> Int[Array, ""]:
+  """x // d for a non-negative index x and a static block size d, in x's dtype: lax.div needs
+  one dtype (a Python int is int64 under jax_enable_x64) and, unlike //, adds no sign ops."""
+  return jax.lax.div(x, jnp.asarray(d, x.dtype))
+
+
 def dot(a: jax.Array, b: jax.Array, dims=(((1,), (0,)), ((), ()))) -> Float[Array, "m n"]:
   """MXU/tensor-core matmul with fp32 accumulation whatever the input dtype."""
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
