@@ -1,14 +1,17 @@
 """`stepaudio synthesize`: parsing the text, LM ids -> codes, and the whole chain end to end."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 from scipy.io import wavfile
 
 from stepaudio_jax.cli import main
+from stepaudio_jax.config import dump_config
 from stepaudio_jax.config.model import TokenLayout
-from stepaudio_jax.experiments.synthesize import codes_from_tokens, split_tags
+from stepaudio_jax.experiments.synthesize import codes_from_tokens, no_codes_error, split_tags
+from stepaudio_jax.inference.speech import SynthesisError
 from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
@@ -18,9 +21,73 @@ PAIRS = os.path.join(REPO, "data_pipelines", "corpus", "speech")
 
 def test_split_tags():
   assert split_tags("(English)(slow 1) one plus one.") == ("(English)(slow 1)", "one plus one.")
+  assert split_tags(" (Cantonese) (fast 2) hi") == ("(Cantonese)(fast 2)", "hi")
   assert split_tags("no tags here") == ("", "no tags here")
-  with pytest.raises(ValueError, match="nothing to say"):
-    split_tags("(English)")
+  for text in ("", "(English)", "(English)(slow 1)  "):
+    with pytest.raises(SynthesisError, match="nothing to say"):
+      split_tags(text)
+
+
+def test_split_tags_refuses_tags_the_corpus_does_not_have():
+  with pytest.raises(SynthesisError, match=r"unknown instruction tags \(Klingon\), \(warp 9\) "
+                     r".*knows language: \(English\), \(Chinese\), \(Cantonese\); speed: "
+                     r"\(slow 2\), \(slow 1\), \(fast 1\), \(fast 2\)$"):
+    split_tags("(Klingon)(warp 9) engage.")
+  with pytest.raises(SynthesisError, match=r"unknown instruction tag \(english\) "):
+    split_tags("(english) hi")
+  with pytest.raises(SynthesisError, match=r"more than one speed; keep one of \(slow 2\)"):
+    split_tags("(English)(slow 1)(fast 1) hi")
+
+
+def _refused(capsys, argv: list[str], match: str) -> None:
+  """`stepaudio synthesize ...` exits 2 with one error line matching `match`."""
+  capsys.readouterr()
+  assert main(["synthesize", *argv]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("stepaudio synthesize: error: "), err
+  assert re.search(match, err[0]), err[0]
+
+
+def test_synthesize_refuses_bad_input_in_one_line(tmp_path, capsys):
+  """Text, voice prompt and runs are checked before anything is loaded or sampled."""
+  missing = str(tmp_path / "no_run")
+  runs = ["--lm", missing, "--flow", missing, "--vocoder", missing, "--out",
+          str(tmp_path / "out.wav")]
+  _refused(capsys, ["", *runs], r"nothing to say in '': give the words")
+  _refused(capsys, ["(English)", *runs], r"nothing to say in '\(English\)'")
+  _refused(capsys, ["(Klingon)(warp 9) engage.", *runs], r"unknown instruction tags \(Klingon\)")
+  not_wav = tmp_path / "prompt.mp3"
+  not_wav.write_bytes(b"ID3\x04" + bytes(64))
+  _refused(capsys, ["(English) hi", *runs, "--prompt-wav", str(not_wav), "--prompt-text", "hi"],
+           r"--prompt-wav \S+prompt.mp3 is not a WAV file .*convert it")
+  empty = tmp_path / "empty.wav"
+  wavfile.write(str(empty), 16000, np.zeros(0, np.int16))
+  _refused(capsys, ["(English) hi", *runs, "--prompt-wav", str(empty), "--prompt-text", "hi"],
+           r"empty.wav holds no samples")
+
+  # Runs are told apart by their config's task before a checkpoint is read.
+  dirs = {}
+  for kind in ("tts_lm", "flow", "vocoder"):
+    dirs[kind] = tmp_path / kind
+    dirs[kind].mkdir()
+    dump_config(load_config(os.path.join(REPO, f"configs/speech/{kind}_tiny.yaml")),
+                str(dirs[kind] / "config.yaml"))
+  _refused(capsys, ["(English) hi", "--lm", str(dirs["tts_lm"]), "--flow", str(dirs["vocoder"]), "--vocoder",
+                    str(dirs["flow"]), "--out", str(tmp_path / "out.wav")],
+           r"--flow \S+vocoder is a task: vocoder run, not a task: flow run \(--flow and "
+           r"--vocoder swapped\?\)$")
+
+
+def test_an_lm_without_codes_is_told_by_how_it_stopped():
+  lay = TokenLayout(text_vocab_size=1024)
+  early = np.array([1024 + 5, 2048 + 1, 3])  # one linguistic and one semantic id, then EOS
+  msg = str(no_codes_error(early, False, lay, "RUN", 400))
+  assert msg.startswith("the LM of RUN stopped at <|EOT|> after 3 tokens with no whole 2:3 "
+                        "group of audio codes (1 linguistic and 1 semantic ids")
+  assert "undertrained" in msg and "max-new-tokens" not in msg
+  msg = str(no_codes_error(np.full(40, 7), True, lay, "RUN", 40))
+  assert msg.startswith("the LM of RUN was cut at --max-new-tokens=40 with no whole 2:3 group")
+  assert "raise --max-new-tokens" in msg
 
 
 def test_codes_from_tokens_regroups_the_audio_ids():

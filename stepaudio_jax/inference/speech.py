@@ -23,6 +23,11 @@ from stepaudio_jax.models.flow import FlowModel, solve
 from stepaudio_jax.models.hifigan import Generator
 
 
+class SynthesisError(ValueError):
+  """Input that speech synthesis cannot use (text, voice prompt, the runs given), or an LM that
+  gave no audio; the message names what and the fix (`stepaudio synthesize` prints it)."""
+
+
 def _restored(build, params: dict) -> nnx.Module:
   """The module `build` makes, holding `params` (a run's trained tree) instead of an init."""
   graph, state = nnx.split(nnx.eval_shape(build))
@@ -44,10 +49,12 @@ class SpeechDecoder:
     (state.params["flow"], state.params["generator"])."""
     fc, vc = flow_cfg, vocoder_cfg
     if fc.task != "flow" or vc.task != "vocoder":
-      raise ValueError(f"need a flow run and a vocoder run, got tasks {fc.task!r} and "
-                       f"{vc.task!r}")
+      swapped = " (swapped?)" if (fc.task, vc.task) == ("vocoder", "flow") else ""
+      raise SynthesisError(f"need a flow run and a vocoder run, got tasks {fc.task!r} and "
+                           f"{vc.task!r}{swapped}")
     if fc.mel != vc.mel:
-      raise ValueError(f"the flow run's mel settings {fc.mel} differ from the vocoder's {vc.mel}")
+      raise SynthesisError(f"the flow run's mel settings {fc.mel} differ from the vocoder's "
+                           f"{vc.mel}: train both with the same mel section")
     flow = _restored(lambda: FlowModel(fc.flow, fc.mel.n_mels, fc.speech_data.speaker_dim,
                                        rngs=nnx.Rngs(0)), flow_params)
     gen = _restored(lambda: Generator(vc.vocoder, vc.mel.n_mels, rngs=nnx.Rngs(0)),
