@@ -172,6 +172,9 @@ def _report(args) -> int:
   content = write_report(runs, args.out)
   print(f"report of {len(runs)} runs -> {os.path.join(args.out, 'report.md')}; plots: "
         f"{', '.join(os.path.join(args.out, p) for p in content['plots']) or 'none'}")
+  without = [r["path"] for r in content["runs"] if not r["has_metrics"]]
+  if without:
+    print(f"no metrics (the run logged no step) in: {', '.join(without)}")
   return 0
 
 
@@ -266,8 +269,10 @@ def _add_synthesize_command(sub) -> None:
   p = sub.add_parser("synthesize", help="text -> TTS LM -> codes -> flow -> vocoder -> WAV")
   p.add_argument("text", help='what to say, with optional leading tags: "(English)(slow 1) hi"')
   p.add_argument("--lm", required=True, help="run directory of the TTS LM (task: sft)")
-  p.add_argument("--flow", required=True, help="flow model: its run directory (task: flow) or its export")
-  p.add_argument("--vocoder", required=True, help="vocoder: its run directory (task: vocoder) or its export")
+  p.add_argument("--flow", required=True,
+                 help="flow model: its run directory (task: flow) or its export")
+  p.add_argument("--vocoder", required=True,
+                 help="vocoder: its run directory (task: vocoder) or its export")
   p.add_argument("--out", required=True, help="output .wav")
   p.add_argument("--prompt-wav", default="", help="voice prompt WAV (any rate, mono or stereo)")
   p.add_argument("--prompt-text", default="", help="the voice prompt's transcript")

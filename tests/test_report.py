@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -90,3 +91,38 @@ def test_a_resumed_runs_repeated_steps_count_once(runs, tmp_path):
 def test_not_a_run_directory_is_named(tmp_path):
   with pytest.raises(ReportError, match=f"{tmp_path} is not a run directory"):
     load_run(str(tmp_path))
+
+
+def test_runs_without_metrics_are_named_and_not_plotted(tmp_path, capsys):
+  """A run that logged no step (no metrics.jsonl, or an empty one) is named in report.md and on
+  stdout; no empty plot is written for it and matplotlib warns of nothing."""
+  from stepaudio_jax.cli import main
+
+  def run_dir(name, task, metrics=None):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.yaml").write_text(f"task: {task}\ntrain:\n  seed: 0\n")
+    if metrics is not None:
+      (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return str(d)
+
+  quiet = [run_dir("ppo_quiet", "ppo"), run_dir("reward_quiet", "reward", [])]
+  out = tmp_path / "report"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert main(["report", *quiet, "--out", str(out)]) == 0
+  stdout = capsys.readouterr().out
+  assert "plots: none" in stdout
+  assert f"no metrics (the run logged no step) in: {quiet[0]}, {quiet[1]}" in stdout
+  md = (out / "report.md").read_text()
+  assert f"No metrics in task=ppo ({quiet[0]}), task=reward ({quiet[1]}): " in md
+  assert sorted(os.listdir(out)) == ["report.json", "report.md"]
+
+  # Beside a PPO run that logged (PPO's lines have no `loss`: no training-loss plot either).
+  logged = run_dir("ppo_logged", "ppo", [{"kind": "train", "step": s, "rollout/score": 0.1 * s,
+                                          "rollout/kl": 0.01 * s} for s in (1, 2, 3)])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    content = write_report([load_run(logged), load_run(quiet[0])], str(out))
+  assert content["plots"] == ["ppo.png"]
+  assert [r["has_metrics"] for r in content["runs"]] == [True, False]

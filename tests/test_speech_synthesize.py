@@ -72,8 +72,8 @@ def test_synthesize_refuses_bad_input_in_one_line(tmp_path, capsys):
     dirs[kind].mkdir()
     dump_config(load_config(os.path.join(REPO, f"configs/speech/{kind}_tiny.yaml")),
                 str(dirs[kind] / "config.yaml"))
-  _refused(capsys, ["(English) hi", "--lm", str(dirs["tts_lm"]), "--flow", str(dirs["vocoder"]), "--vocoder",
-                    str(dirs["flow"]), "--out", str(tmp_path / "out.wav")],
+  _refused(capsys, ["(English) hi", "--lm", str(dirs["tts_lm"]), "--flow", str(dirs["vocoder"]),
+                    "--vocoder", str(dirs["flow"]), "--out", str(tmp_path / "out.wav")],
            r"--flow \S+vocoder is a task: vocoder run, not a task: flow run \(--flow and "
            r"--vocoder swapped\?\)$")
 

@@ -32,15 +32,24 @@ def _curve(ax, runs: list[Run], kind: str, key, label: str, transform=lambda x: 
   return True
 
 
-def _save(fig, out_dir: str, name: str, plots: list[str]) -> None:
-  fig.savefig(os.path.join(out_dir, name), dpi=110)
+def _save(fig, out_dir: str, name: str, plots: list[str], drawn: bool = True) -> None:
+  """Write `fig` as `name` if anything was `drawn` in it (no empty plots); close it."""
+  if drawn:
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plots.append(name)
   plt.close(fig)
-  plots.append(name)
+
+
+def _legend(ax, drawn: bool) -> None:
+  if drawn:  # an empty legend is a matplotlib warning
+    ax.legend(fontsize=7)
 
 
 def write_plots(runs: list[Run], out_dir: str) -> list[str]:
-  """Writes the plots the runs have data for; returns their file names."""
+  """Writes the plots the runs have data for; returns their file names. Runs without metrics
+  are left out."""
   plots: list[str] = []
+  runs = [r for r in runs if r.has_metrics]
   groups = by_group(runs)
   color = {g: f"C{i % 10}" for i, g in enumerate(groups)}  # one colour per group in every plot
   types = [t for t in TOKEN_TYPES
@@ -49,20 +58,20 @@ def write_plots(runs: list[Run], out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False,
                              layout="constrained")
     for ax, t in zip(axes[0], types):
-      for g, members in groups.items():
-        _curve(ax, members, "eval",
-               lambda rec, t=t: rec.get(f"loss/{t}") if rec.get(f"tokens/{t}", 0) > 0 else None,
-               g, math.exp, color[g])
+      drawn = [_curve(ax, members, "eval",
+                      lambda rec, t=t: (rec.get(f"loss/{t}") if rec.get(f"tokens/{t}", 0) > 0
+                                        else None), g, math.exp, color[g])
+               for g, members in groups.items()]
       ax.set(title=f"held-out perplexity: {t}", xlabel="step", yscale="log")
-      ax.legend(fontsize=7)
+      _legend(ax, any(drawn))
     _save(fig, out_dir, "perplexity.png", plots)
   if any(r.train for r in runs):
     fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
-    for g, members in groups.items():
-      _curve(ax, members, "train", lambda rec: rec.get("loss"), g, color=color[g])
+    drawn = [_curve(ax, members, "train", lambda rec: rec.get("loss"), g, color=color[g])
+             for g, members in groups.items()]
     ax.set(title="training loss", xlabel="step")
-    ax.legend(fontsize=7)
-    _save(fig, out_dir, "train_loss.png", plots)
+    _legend(ax, any(drawn))
+    _save(fig, out_dir, "train_loss.png", plots, any(drawn))
   with_shares = [(g, members[0].shares()) for g, members in groups.items()
                  if members[0].shares()]
   if with_shares:
@@ -85,11 +94,12 @@ def write_plots(runs: list[Run], out_dir: str) -> list[str]:
       continue
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False,
                              layout="constrained")
+    anything = False
     for ax, k in zip(axes[0], keys):
-      for r in members:
-        for kind in ("train", "eval"):
-          _curve(ax, [r], kind, lambda rec, k=k: rec.get(k), f"{r.label} {kind}")
+      drawn = [_curve(ax, [r], kind, lambda rec, k=k: rec.get(k), f"{r.label} {kind}")
+               for r in members for kind in ("train", "eval")]
       ax.set(title=k, xlabel="step")
-      ax.legend(fontsize=7)
-    _save(fig, out_dir, name, plots)
+      _legend(ax, any(drawn))
+      anything |= any(drawn)
+    _save(fig, out_dir, name, plots, anything)
   return plots

@@ -61,6 +61,11 @@ class Run:
   def task(self) -> str:
     return self.config.get("task", "pretrain")
 
+  @property
+  def has_metrics(self) -> bool:
+    """Whether metrics.jsonl holds a train or eval line (a run that logged no step has none)."""
+    return bool(self.train or self.eval)
+
   def summary(self) -> dict[str, float]:
     """The numbers of the run's table row."""
     out: dict[str, float] = {}
@@ -212,6 +217,11 @@ def write_report(runs: list[Run], out_dir: str, plot: bool = True) -> dict:
   md += _table(["run", "task", "step", "finished", *columns],
                [[r.label, r.task, _fmt(s.get("step")), "yes" if r.done else "no",
                  *(_fmt(s.get(c)) for c in columns)] for r, s in zip(runs, summaries)])
+  without = [r for r in runs if not r.has_metrics]
+  if without:
+    md += ["", f"No metrics in {', '.join(f'{r.label} ({r.path})' for r in without)}: "
+               f"{METRICS_FILE} is missing or has no step (the run logged none); "
+               "left out of the plots."]
   stats = group_stats(runs)
   if any(n > 1 for g in stats.values() for (_, _, n) in g.values()):
     md += ["", "## Groups (mean ± sample std over seeds)", ""]
@@ -240,11 +250,13 @@ def write_report(runs: list[Run], out_dir: str, plot: bool = True) -> dict:
     from stepaudio_jax.experiments import plots as plotting
 
     plots = plotting.write_plots(runs, out_dir)
-    md += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+    if plots:
+      md += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
   content = {
       "differing_keys": differing,
       "runs": [{"path": r.path, "label": r.label, "group": r.group, "task": r.task,
-                "finished": r.done, "summary": s, "shares": r.shares(), "asr": r.asr}
+                "finished": r.done, "has_metrics": r.has_metrics, "summary": s,
+                "shares": r.shares(), "asr": r.asr}
                for r, s in zip(runs, summaries)],
       "groups": {g: {k: {"mean": m, "std": sd, "n": n} for k, (m, sd, n) in v.items()}
                  for g, v in stats.items()},
