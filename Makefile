@@ -49,7 +49,7 @@ speech: $(STAMP)
 	$(CPU_ONLY) $(BIN)/stepaudio train configs/speech/tts_lm_tiny.yaml
 	$(CPU_ONLY) $(BIN)/python -m stepaudio_jax.experiments.speech_evidence --flow runs/speech/flow \
 	  --vocoder runs/speech/vocoder --pairs runs/speech_data/eval.safetensors \
-	  --out runs/speech/flow/evidence
+	  --out runs/speech/flow/evidence --listen --lm runs/speech/tts-lm
 	$(CPU_ONLY) $(BIN)/stepaudio synthesize "(English) three plus four is seven." \
 	  --lm runs/speech/tts-lm --flow runs/speech/flow --vocoder runs/speech/vocoder \
 	  --out runs/speech/synth.wav

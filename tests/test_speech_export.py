@@ -124,3 +124,18 @@ def test_flow_and_vocoder_runs_export_and_load_strictly_in_torch(tmp_path):
   np.testing.assert_allclose(tv.numpy(), np.asarray(v), atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="not StepAudioFlow"):
     FlowTorch.from_pretrained(str(tmp_path / "vocoder-hf"))
+
+  # The evidence script hears the exported decoder through the outside evaluators.
+  pytest.importorskip("pocketsphinx")
+  pytest.importorskip("resemblyzer")
+  from stepaudio_jax.experiments.speech_evidence import LISTENING, evaluate
+
+  summary = evaluate(str(tmp_path / "flow-hf"), str(tmp_path / "vocoder-hf"),
+                     os.path.join(PAIRS, "eval.safetensors"), str(tmp_path / "evidence"), 3, 0,
+                     listen=True)
+  table = summary["listening"]
+  assert set(table) == set(LISTENING)
+  assert table["original"]["stoi"] == pytest.approx(1.0)
+  assert table["original"]["wer"] <= 0.35 and table["original"]["english_clips"] == 3
+  assert table["true codes -> flow -> vocoder"]["stoi"] < 0.9  # one training step
+  assert "| original mel -> vocoder |" in open(tmp_path / "evidence" / "listening.md").read()

@@ -26,6 +26,7 @@ class Utterance:
   wave: Float[np.ndarray, " T"]  # T = groups * group_samples
   speaker: Float[np.ndarray, " E"]  # unit vector (audio/speaker.py)
   name: str  # the espeak-ng voice
+  text: str = ""  # the transcript
 
 
 def split_file(directory: str, split: str) -> str:
@@ -51,6 +52,7 @@ def load_pairs(path: str, mel: MelConfig, speaker_dim: int) -> list[Utterance]:
                      f"{mel.sample_rate}")
   step = group_samples(mel.sample_rate)
   out = []
+  texts = json.loads(meta.get("transcripts", "[]"))
   for i, name in enumerate(json.loads(meta["speakers"])):
     part = {k: t[k][t[k + "_offsets"][i]:t[k + "_offsets"][i + 1]]
             for k in ("linguistic", "semantic", "wave")}
@@ -58,7 +60,7 @@ def load_pairs(path: str, mel: MelConfig, speaker_dim: int) -> list[Utterance]:
     wave = part["wave"].astype(np.float32) / 32768.0
     wave = np.pad(wave, (0, max(len(codes) // 5 * step - len(wave), 0)))[:len(codes) // 5 * step]
     spk = speaker_of(wave, mel, speaker_dim) if speaker_dim else np.zeros(0, np.float32)
-    out.append(Utterance(codes, wave, spk, name))
+    out.append(Utterance(codes, wave, spk, name, texts[i] if i < len(texts) else ""))
   return out
 
 

@@ -12,8 +12,16 @@ unshuffled codes. Also the flow alone (its mel vs the real mel; its mel inverted
 a vocoder with nothing learned, and re-tokenised) and the vocoder alone (the real mel vocoded,
 re-tokenised). Writes summary.json, one WAV, mels.png and losses.png into --out.
 
-  python -m stepaudio_jax.experiments.speech_evidence --flow runs/speech/flow --vocoder runs/speech/vocoder \
-      --pairs runs/speech_data/eval.safetensors --out runs/speech/evidence
+With --listen (the `eval` extra), the same audio is also heard by evaluators nobody here wrote
+(experiments/speech_eval.py: pocketsphinx WER on the English clips, STOI and resemblyzer speaker
+cosine against the original): the original, the real mel through Griffin-Lim and through the
+vocoder, the codes through the flow and Griffin-Lim or the vocoder, the shuffled codes, and with
+--lm each English transcript synthesised from text by that TTS LM (`stepaudio synthesize`); the
+table goes to listening.md and summary.json.
+
+  python -m stepaudio_jax.experiments.speech_evidence --flow runs/speech/flow \
+      --vocoder runs/speech/vocoder --pairs runs/speech_data/eval.safetensors \
+      --out runs/speech/evidence --listen [--lm runs/speech/tts-lm]
 """
 
 import argparse
@@ -127,8 +135,8 @@ def plot_losses(path: str, flow_run: str, vocoder_run: str) -> None:
   plt.close(fig)
 
 
-def evaluate(flow_run: str, vocoder_run: str, pairs: str, out: str, count: int, seed: int
-             ) -> dict:
+def evaluate(flow_run: str, vocoder_run: str, pairs: str, out: str, count: int, seed: int,
+             listen: bool = False, lm_run: str = "") -> dict:
   start = time.time()
   dec = load_decoder(flow_run, vocoder_run)
   mc = dec.flow_cfg.mel
@@ -136,6 +144,7 @@ def evaluate(flow_run: str, vocoder_run: str, pairs: str, out: str, count: int, 
   utts = load_pairs(pairs, mc, dec.flow_cfg.speech_data.speaker_dim)[:count]
   rng = np.random.default_rng(seed)
   rows = []
+  heard: dict[str, list[np.ndarray]] = {name: [] for name in LISTENING}
   os.makedirs(out, exist_ok=True)
   for i, u in enumerate(utts):
     key = jax.random.key(seed + i)
@@ -146,12 +155,14 @@ def evaluate(flow_run: str, vocoder_run: str, pairs: str, out: str, count: int, 
     base = dec.wave(base_mel)
     real_mel = np.asarray(log_mel(jnp.asarray(u.wave)[None], mc))[0]
     copy = dec.wave(real_mel)
+    waves = {"synth": wave, "shuffled": base, "vocoder_only": copy, "real": u.wave,
+             "flow_griffin_lim": griffin_lim(mel, mc),
+             "shuffled_griffin_lim": griffin_lim(base_mel, mc),
+             "real_griffin_lim": griffin_lim(real_mel, mc)}
+    for name, key in LISTENING.items():
+      heard[name].append(waves[key])
     rows.append({
-        "ranks": {k: code_ranks(w, u.codes, tok, mc.sample_rate) for k, w in
-                  (("synth", wave), ("shuffled", base), ("vocoder_only", copy), ("real", u.wave),
-                   ("flow_griffin_lim", griffin_lim(mel, mc)),
-                   ("shuffled_griffin_lim", griffin_lim(base_mel, mc)),
-                   ("real_griffin_lim", griffin_lim(real_mel, mc)))},
+        "ranks": {k: code_ranks(w, u.codes, tok, mc.sample_rate) for k, w in waves.items()},
         "mel_synth": mel_distance(wave, u.wave, mc),
         "mel_shuffled": mel_distance(base, u.wave, mc),
         "mel_flow_only": float(np.mean(np.abs(mel - real_mel))),
@@ -178,12 +189,49 @@ def evaluate(flow_run: str, vocoder_run: str, pairs: str, out: str, count: int, 
                  "flow_only_shuffled": mean("mel_flow_only_shuffled")},
       "example_wav": {"sample_rate": mc.sample_rate, "samples": len(wave), **rows[0]["wave"]},
   }
-  plot_losses(os.path.join(out, "losses.png"), flow_run, vocoder_run)
+  if listen:
+    summary["listening"] = listening(utts, heard, mc.sample_rate, lm_run, flow_run, vocoder_run,
+                                     out, seed)
+  if all(os.path.isfile(os.path.join(r, "metrics.jsonl")) for r in (flow_run, vocoder_run)):
+    plot_losses(os.path.join(out, "losses.png"), flow_run, vocoder_run)  # runs, not exports
   for r in rows:
     del r["ranks"]
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({"summary": summary, "per_utterance": rows}, f, indent=1)
   return summary
+
+
+# Listening table rows -> the evaluate() wave they hear.
+LISTENING = {"original": "real", "original mel -> Griffin-Lim": "real_griffin_lim",
+             "original mel -> vocoder": "vocoder_only",
+             "true codes -> flow -> Griffin-Lim": "flow_griffin_lim",
+             "true codes -> flow -> vocoder": "synth",
+             "shuffled codes -> flow -> vocoder": "shuffled"}
+
+
+def listening(utts, heard: dict[str, list[np.ndarray]], rate: int, lm_run: str, flow_run: str,
+              vocoder_run: str, out: str, seed: int) -> dict:
+  """The listening table (speech_eval.listen per row), written to out/listening.md."""
+  from stepaudio_jax.experiments import speech_eval
+  from stepaudio_jax.experiments.synthesize import read_wav, synthesize
+
+  listener = speech_eval.Listener()
+  clips = [speech_eval.Clip(u.text, u.wave, u.name.startswith("en")) for u in utts]
+  table = {name: speech_eval.listen(listener, clips, waves, rate)
+           for name, waves in heard.items()}
+  if lm_run:
+    english = [c for c in clips if c.english]
+    spoken = []
+    for i, c in enumerate(english):
+      path = os.path.join(out, f"tts_{i}.wav")
+      synthesize(lm_run, flow_run, vocoder_run, f"(English) {c.text}", path, seed=seed + i,
+                 say=lambda *a, **k: None)
+      spoken.append(read_wav(path, rate))
+    table["text -> TTS LM -> flow -> vocoder"] = speech_eval.listen(listener, english, spoken,
+                                                                    rate)
+  with open(os.path.join(out, "listening.md"), "w") as f:
+    f.write(speech_eval.table(table) + "\n")
+  return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,9 +242,17 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--count", type=int, default=12)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--listen", action="store_true",
+                 help="also WER, STOI and speaker cosine by outside evaluators (eval extra)")
+  p.add_argument("--lm", default="", help="with --listen: a TTS LM run to synthesise from text")
   args = p.parse_args(argv)
-  print(json.dumps(evaluate(args.flow, args.vocoder, args.pairs, args.out, args.count,
-                            args.seed), indent=1))
+  summary = evaluate(args.flow, args.vocoder, args.pairs, args.out, args.count, args.seed,
+                     args.listen, args.lm)
+  print(json.dumps(summary, indent=1))
+  if args.listen:
+    from stepaudio_jax.experiments.speech_eval import table
+
+    print(table(summary["listening"]))
 
 
 if __name__ == "__main__":
