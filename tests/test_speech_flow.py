@@ -2,6 +2,7 @@
 on the committed paired speech."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from stepaudio_jax.audio.codes import interleave_codes
 from stepaudio_jax.config.speech import FlowConfig, MelConfig
 from stepaudio_jax.data.speech_pairs import load_pairs
 from stepaudio_jax.models.flow import FlowModel, cosine_times, regulate, solve
+from stepaudio_jax.tasks.flow import FlowTask
 from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
 from tests.conftest import REPO
@@ -101,3 +103,25 @@ def test_flow_loss_falls_on_the_committed_pairs(tmp_path):
 def test_bad_config_is_a_clear_error():
   with pytest.raises(ValueError, match="cfg_drop"):
     FlowConfig(cfg_drop=1.0)
+
+
+class NanFlow(FlowTask):
+  """The flow task with a loss that is NaN from the first step."""
+
+  def loss(self, params, frozen, batch, rng):
+    loss, sums = super().loss(params, frozen, batch, rng)
+    return loss * jnp.nan, {**sums, "loss_sum": sums["loss_sum"] * jnp.nan}
+
+
+@pytest.mark.slow
+def test_a_diverged_flow_run_names_the_flow_optimizer(tmp_path):
+  """The advice after a NaN names the keys that set the flow model's learning rate
+  (FlowTask.optimizer_keys), not the `optimizer:` section a flow run does not read."""
+  cfg = load_config(FLOW, [f"train.run_dir={tmp_path}", f"speech_data.path={PAIRS}",
+                           "train.steps=2", "checkpoint.every=1", "train.eval_every=0"])
+  with pytest.raises(FloatingPointError) as e:
+    train(cfg, print_fn=lambda *a, **k: None, task=NanFlow)
+  assert re.fullmatch(
+      r"\S+ became nan at step 1; stopping without checkpointing it \(no checkpoint was written: "
+      r"resume from it with a lower flow\.optimizer\.learning_rate or "
+      r"flow\.optimizer\.grad_clip_norm, or look at the data of that step\)", str(e.value)), e.value

@@ -9,6 +9,7 @@ checkpointed and resumed by the real trainer, with hooks of the caller's own.
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -28,6 +29,7 @@ from stepaudio_jax.tasks.base import (EVAL_METRICS, BatchField, Model, Split, Ta
                                       map_first_pass)
 from stepaudio_jax.tasks.registry import load_config, register_task, task_class, task_names
 from stepaudio_jax.training import state as state_lib
+from stepaudio_jax.training.hooks import check_finite
 from stepaudio_jax.training.loop import Every
 from stepaudio_jax.training.progress import METRICS_FILE
 from stepaudio_jax.training.optimizer import Optimizer, make_optimizer
@@ -293,6 +295,38 @@ def test_a_task_stop_condition_stops_the_run_unsaved(tmp_path, every):
     train(_cfg(tmp_path, "train.steps=3", f"checkpoint.every={every}"),
           print_fn=lambda *a, **k: None, task=StoppingToyGan)
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+# A config of each built-in task, as small as the repository has.
+TASK_CONFIGS = {"pretrain": "configs/tiny.yaml", "sft": "configs/speech/tts_lm_tiny.yaml",
+                "reward": "configs/reward/corpus.yaml", "ppo": "configs/ppo/corpus.yaml",
+                "flow": "configs/speech/flow_tiny.yaml",
+                "vocoder": "configs/speech/vocoder_tiny.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(TASK_CONFIGS))
+def test_a_tasks_optimizer_keys_are_the_sections_its_models_train_with(name):
+  """What the divergence advice names (Task.optimizer_keys) is the optimizers the task's models
+  use, each once: a flow run's is flow.optimizer, not `optimizer:`."""
+  cfg = load_config(os.path.join(REPO, TASK_CONFIGS[name]))
+  task = task_class(name)(cfg, None)
+  used = [m.optimizer for m in task.models().values() if m.optimizer is not None]
+  named = [functools.reduce(getattr, k.split("."), cfg) for k in task.optimizer_keys]
+  assert all(isinstance(o, OptimizerConfig) for o in named), task.optimizer_keys
+  assert sorted(map(id, named)) == sorted(map(id, used)), task.optimizer_keys
+
+
+def test_the_divergence_advice_names_the_tasks_optimizers():
+  with pytest.raises(FloatingPointError, match=(
+      r"^generator/loss became nan at step 3; stopping without checkpointing it \(the newest "
+      r"checkpoint is step 2: resume from it with a lower learning_rate or grad_clip_norm in "
+      r"vocoder\.generator_optimizer or vocoder\.discriminator_optimizer, or look at the data "
+      r"of that step\)$")):
+    check_finite(3, {"generator/mel_l1": 1.0, "generator/loss": float("nan")}, 2, None,
+                 task_class("vocoder").optimizer_keys)
+  with pytest.raises(FloatingPointError, match=r"with a lower optimizer\.learning_rate or "
+                                               r"optimizer\.grad_clip_norm, or"):
+    check_finite(3, {"loss": float("inf")}, None)
 
 
 def test_the_default_metrics_divide_by_the_updates_denominator():

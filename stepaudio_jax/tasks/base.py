@@ -157,6 +157,9 @@ class Task:
   sections: ClassVar[Mapping[str, type]] = {}
   # The models of a run that may leave it, by name; the first is what the run delivers.
   deliverables: ClassVar[Mapping[str, Deliverable]] = {}
+  # The config sections of the optimizers its models train with (each has learning_rate and
+  # grad_clip_norm): the advice after a non-finite metric names them.
+  optimizer_keys: ClassVar[tuple[str, ...]] = ("optimizer",)
 
   @classmethod
   def check_config(cls, cfg: RunConfig) -> None:

@@ -31,6 +31,7 @@ class FlowTask(Task):
   throughput_unit = "frames"
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "flow": FlowConfig}
   deliverables = {"flow": Deliverable("flow", "flow")}
+  optimizer_keys = ("flow.optimizer",)
 
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)

@@ -158,6 +158,7 @@ class PPOTask(Task):
                   "critic": Deliverable("critic", "reward"),
                   "reference": Deliverable("reference", "step1"),
                   "reward": Deliverable("reward", "reward")}
+  optimizer_keys = ("optimizer", "ppo.critic_optimizer")
 
   @classmethod
   def check_config(cls, cfg):

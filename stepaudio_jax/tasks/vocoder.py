@@ -51,6 +51,7 @@ class VocoderTask(Task):
 
   sections = {"mel": MelConfig, "speech_data": SpeechDataConfig, "vocoder": VocoderConfig}
   deliverables = {"generator": Deliverable("generator", "vocoder")}
+  optimizer_keys = ("vocoder.generator_optimizer", "vocoder.discriminator_optimizer")
 
   @classmethod
   def check_config(cls, cfg):

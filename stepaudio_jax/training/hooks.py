@@ -23,18 +23,23 @@ StopReason = Callable[[dict[str, float]], str | None]  # Task.stop_reason
 
 
 def check_finite(step: int, metrics: dict, newest_checkpoint: int | None,
-                 stop_reason: StopReason | None = None) -> None:
-  """Raise FloatingPointError naming the first non-finite metric of `step`, or the reason
-  `stop_reason` gives for its host metrics."""
+                 stop_reason: StopReason | None = None,
+                 optimizer_keys: tuple[str, ...] = ("optimizer",)) -> None:
+  """Raise FloatingPointError naming the first non-finite metric of `step` and the optimizers
+  to change (`optimizer_keys`, Task.optimizer_keys), or the reason `stop_reason` gives for its
+  host metrics."""
   where = (f"the newest checkpoint is step {newest_checkpoint}"
            if newest_checkpoint is not None else "no checkpoint was written")
+  keys = optimizer_keys
+  lower = (f"{keys[0]}.learning_rate or {keys[0]}.grad_clip_norm" if len(keys) == 1
+           else f"learning_rate or grad_clip_norm in {' or '.join(keys)}")
   metrics = {k: float(v) for k, v in metrics.items()}
   for key, value in metrics.items():
     if not math.isfinite(value):
       raise FloatingPointError(
           f"{key} became {value} at step {step}; stopping without checkpointing it "
-          f"({where}: resume from it with a lower optimizer.learning_rate or "
-          "optimizer.grad_clip_norm, or look at the data of that step)")
+          f"({where}: resume from it with a lower {lower}, or look at the data of that "
+          "step)")
   reason = stop_reason(metrics) if stop_reason is not None else None
   if reason:
     raise FloatingPointError(f"step {step}: {reason}; stopping without checkpointing it "
@@ -48,9 +53,11 @@ class MetricsHook(Hook):
 
   def __init__(self, progress: Progress, log_every: int, total: int,
                newest_checkpoint: Callable[[], int | None], print_fn=print,
-               is_lead: bool = True, stop_reason: StopReason | None = None):
+               is_lead: bool = True, stop_reason: StopReason | None = None,
+               optimizer_keys: tuple[str, ...] = ("optimizer",)):
     self.progress, self.log_every, self.total = progress, log_every, total
     self.newest_checkpoint, self.stop_reason = newest_checkpoint, stop_reason
+    self.optimizer_keys = optimizer_keys
     self.print, self.is_lead = print_fn, is_lead
     self.history: list[dict] = []
     self._pending = None
@@ -66,7 +73,7 @@ class MetricsHook(Hook):
     step, metrics, data_stats = self._pending
     self._pending = None
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    check_finite(step, metrics, self.newest_checkpoint(), self.stop_reason)
+    check_finite(step, metrics, self.newest_checkpoint(), self.stop_reason, self.optimizer_keys)
     metrics |= {f"data/{k.replace('/', '_')}": float(v) for k, v in data_stats.items()}
     self.history.append({"step": step, **metrics})
     if step % self.log_every == 0 or step == self.total:
@@ -94,13 +101,15 @@ class CheckpointHook(Hook):
   phase = "checkpoint"
 
   def __init__(self, ckpt: Checkpointer, data_state: Callable[[int], dict],
-               stop_reason: StopReason | None = None):
+               stop_reason: StopReason | None = None,
+               optimizer_keys: tuple[str, ...] = ("optimizer",)):
     self.ckpt, self.data_state, self.stop_reason = ckpt, data_state, stop_reason
+    self.optimizer_keys = optimizer_keys
 
   def after_step(self, step, state, metrics, data_stats) -> None:
     if self.ckpt.manager.should_save(step):
       check_finite(step, jax.device_get(metrics), self.ckpt.manager.latest_step(),
-                   self.stop_reason)
+                   self.stop_reason, self.optimizer_keys)
       self.ckpt.save(step, state, self.data_state(step))
 
   def end(self, step, state) -> None:

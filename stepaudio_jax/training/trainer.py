@@ -113,12 +113,12 @@ def builtin_hooks(run: Setup, ckpt: Checkpointer, source: BatchSource,
                       device_peak_flops(tc.peak_flops_per_device) * jax.device_count(),
                       task.progress_keys, lead, print_fn, times)
   metrics = MetricsHook(progress, tc.log_every, total, ckpt.manager.latest_step, print_fn,
-                        lead, task.stop_reason)
+                        lead, task.stop_reason, task.optimizer_keys)
   hooks = []
   if tc.hang_timeout:
     hooks.append(HangWatchdog(tc.hang_timeout, os.path.join(
         tc.run_dir, STACKS_FILE.format(process=jax.process_index())), times))
-  hooks += [metrics, CheckpointHook(ckpt, data_state, task.stop_reason)]
+  hooks += [metrics, CheckpointHook(ckpt, data_state, task.stop_reason, task.optimizer_keys)]
   if eval_source is not None:
     hooks.append(EvalHook(tc.eval_every, tc.eval_batches, run.eval, eval_source, run.batch,
                           task.eval_metrics, progress,
