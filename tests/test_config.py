@@ -123,7 +123,10 @@ def test_values_that_cannot_be_right_are_refused(override, message):
 def test_grain_eval_needs_held_out_shards():
   with pytest.raises(ConfigError, match=r"data.eval_shards has no globs for \['text'\]"):
     load_config("configs/corpus.yaml", ["data.eval_shards.text=[]"])
-  assert load_config("configs/corpus.yaml", ["data.eval_shards.text=[]", "train.eval_every=0"])
+  # Without eval the check is off: the run loads, text with no held-out globs, the rest kept.
+  cfg = load_config("configs/corpus.yaml", ["data.eval_shards.text=[]", "train.eval_every=0"])
+  assert cfg.train.eval_every == 0 and cfg.data.eval_shards["text"] == []
+  assert len(cfg.data.eval_shards["asr"]) == 1
 
 
 def test_a_section_of_another_task_is_refused(tmp_path):
@@ -181,3 +184,31 @@ def test_a_missing_base_names_the_file_that_asked_for_it(tmp_path):
   path = _write(tmp_path, "child.yaml", "base: parent.yaml\n")
   with pytest.raises(ConfigError, match=r"child.yaml: base 'parent.yaml' does not exist"):
     load_config(path)
+
+
+def test_one_setting_decides_the_run_length(tmp_path):
+  """Before: train.steps=4 on an epoch-based run (SFT: train.epochs; reward: reward.stages'
+  epochs) was ignored without a word (59 and 8 steps ran), as was train.epochs on a task that
+  reads no epochs. Now the one that would be ignored is refused, naming both keys; a
+  train.steps inherited from a base below the epochs' layer is overridden, as before."""
+  sft, reward = "configs/sft/corpus_aqta.yaml", "configs/reward/corpus.yaml"
+  with pytest.raises(ConfigError, match=r"train.steps=4 \(set in command line\) would be "
+                                        r"ignored: train.epochs=1 \(set in .*corpus_aqta.yaml\) "
+                                        r"decides .*set train.epochs=0"):
+    load_config(sft, ["train.steps=4"])
+  with pytest.raises(ConfigError, match=r"train.steps=4 \(set in command line\) would be "
+                                        r"ignored: reward.stages \(set in .*reward/corpus.yaml"):
+    load_config(reward, ["train.steps=4"])
+  with pytest.raises(ConfigError, match=r"train.epochs=2 \(set in command line\) does not "
+                                        r"apply to a reward run: reward.stages"):
+    load_config(reward, ["train.epochs=2"])
+  with pytest.raises(ConfigError, match=r"train.epochs=2 .* does not apply to a flow run: "
+                                        r"train.steps decides"):
+    load_config("configs/speech/flow_tiny.yaml", ["train.epochs=2"])
+  both = _write(tmp_path, "both.yaml", f"base: {os.path.abspath(sft)}\ntrain:\n  steps: 9\n"
+                                       "  epochs: 2\n")
+  with pytest.raises(ConfigError, match=r"train.steps=9 \(set in .*both.yaml\)"):
+    load_config(both)
+  # corpus.yaml's steps: 200 sits below the layer that sets epochs (or stages): overridden.
+  assert load_config(sft).train.epochs == 1 and load_config(reward).reward.stages
+  assert load_config(sft, ["train.epochs=0", "train.steps=7"]).train.steps == 7

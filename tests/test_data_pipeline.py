@@ -216,3 +216,39 @@ def test_malformed_records_are_named_or_skipped_and_counted(tmp_path):
     lenient.next_local()
   stats = lenient.stats()
   assert stats["malformed"] > 0 and stats["tokens/text"] > 0
+
+
+def test_a_shard_of_another_task_is_refused_by_name(tmp_path):
+  """Before: TTS records listed under data.shards.aqta trained as TTS (share_aqta 1.0, exit 0),
+  and preference pairs stopped with a traceback "unknown task 'preference'" naming no shard. Now
+  the first record of every shard must be of the task it is listed for; a later record of
+  another task is malformed (named, or skipped and counted)."""
+  rng = np.random.default_rng(0)
+  tts = str(tmp_path / "tts.arrayrecord")
+  records.write_shard(tts, [random_example("tts", rng, LAYOUT) for _ in range(4)])
+  stages = [StageConfig(audio=1, text=0, image=0, continuation=0, aqta=1)]
+  with pytest.raises(records.ShardError, match=rf"data.shards.aqta: shard {tts} holds tts "
+                                               r"records, not aqta records"):
+    _loader({"aqta": [tts]}, stages)
+  pref = str(tmp_path / "pref.arrayrecord")
+  empty = [EMPTY] * 3
+  records.write_shard(pref, [records.Example(records.PREFERENCE, [I32(17, 18), I32(19), I32(20)],
+                                             empty, empty)])
+  with pytest.raises(records.ShardError, match=rf"data.eval_shards.text: shard {pref} holds "
+                                               r"preference records.*task=reward.*ppo.prompts"):
+    GrainLoader(DataConfig(source="grain", shards={"text": [pref]}, eval_shards={"text": [pref]},
+                           stages=[StageConfig(audio=0, image=0)]),
+                LAYOUT, VISION, 64, 1, seed=0, held_out=True)
+  mixed = str(tmp_path / "mixed.arrayrecord")
+  text = random_example("text", rng, LAYOUT)
+  records.write_shard(mixed, [text, random_example("tts", rng, LAYOUT), text])
+  text_only = [StageConfig(audio=0, image=0)]
+  strict = _loader({"text": [mixed]}, text_only, batch=1, seq_len=64)
+  with pytest.raises(records.RecordError, match=rf"shard {mixed} record 1: a tts record among "
+                                                r"the text records"):
+    for _ in range(10):
+      strict.next_local()
+  lenient = _loader({"text": [mixed]}, text_only, batch=1, seq_len=64, skip_malformed=True)
+  for _ in range(10):
+    lenient.next_local()
+  assert lenient.stats()["malformed"] == 1

@@ -268,3 +268,95 @@ def test_sft_takes_chat_records_from_shards_only():
   sft = load_config(os.path.join(REPO, "configs", "sft", "corpus_aqta.yaml"), ["train.epochs=0",
                                                                              "train.steps=7"])
   assert setup(sft).total_steps == 7
+
+
+@pytest.mark.parametrize("shards,needles", [
+    ("tts/train-*.array_record", ("holds tts records, not aqta records",)),
+    ("preference/aqta/train-*.array_record",
+     ("holds preference records", "task=reward", "ppo.prompts")),
+])
+def test_sft_refuses_shards_of_another_task_in_one_line(tmp_path, capsys, shards, needles):
+  """Before: AQTA SFT on TTS shards trained as TTS and exited 0; on preference shards it
+  stopped with a traceback "unknown task 'preference'" naming no shard."""
+  from stepaudio_jax import cli
+
+  corpus = os.path.join(REPO, "data_pipelines", "corpus")
+  code = cli.main(["train", os.path.join(REPO, "configs", "sft", "corpus_aqta.yaml"),
+                   f"train.run_dir={tmp_path}", f"data.shards.aqta=[{corpus}/{shards}]"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  (line,) = [ln for ln in err.splitlines() if ln.startswith("stepaudio train: error:")]
+  assert f"data.shards.aqta: shard {corpus}/{os.path.dirname(shards)}/train-" in line, line
+  for needle in needles:
+    assert needle in line, line
+
+
+def test_tied_and_overlong_pairs_are_counted_and_warned_about_once(tmp_path, caplog):
+  """Before: a pair longer than train.seq_len lost its prompt with no metric or warning, and a
+  pair whose chosen answer equals its rejected one trained at loss ln 2 (accuracy 0) unnoticed.
+  Now ties are left out and counted, cut pairs are counted as drawn, each warned about once."""
+  empty = [np.zeros(0, np.int32)] * 3
+  ids = lambda *a: np.asarray(a, np.int32)  # noqa: E731
+  short = [Example(PREFERENCE, [ids(20, 21), ids(30 + i), ids(40 + i)], empty, empty, None, {})
+           for i in range(6)]
+  tied = Example(PREFERENCE, [ids(20, 21), ids(50, 51), ids(50, 51)], empty, empty, None, {})
+  long = Example(PREFERENCE, [np.arange(16, 76, dtype=np.int32), ids(60), ids(61)], empty, empty,
+                 None, {})
+  path = str(tmp_path / "pairs")
+  write_shard(path, [*short, tied, long])
+  cfg = load_config(TINY, [*REWARD, f"reward.stages=[{{shards: [{path}], epochs: 2}}]",
+                           f"train.run_dir={tmp_path / 'run'}", "train.batch_size=7",
+                           "model.max_seq_len=128", "train.seq_len=128"])
+  with caplog.at_level("WARNING"):
+    task = RewardTask(cfg, None)
+    steps = task.total_steps()
+    source = task.make_source(Split.TRAIN)
+  warned = [r.getMessage() for r in caplog.records]
+  assert len(warned) == 2, warned  # once each, though total_steps read the pairs first
+  assert "1 of 8 pairs have the same chosen and rejected answer" in warned[0], warned
+  assert f"shard {path} record 6" in warned[0], warned
+  assert "1 of 7 pairs are longer than train.seq_len=128" in warned[1], warned
+  assert steps == 2  # 2 epochs of the 7 pairs left, 7 a step
+  for _ in range(steps):
+    batch = source.next_local()
+    assert not any((batch["chosen_tokens"][r] == batch["rejected_tokens"][r]).all()
+                   for r in range(7))
+  assert source.stats() | {"stage": 0} == {"stage": 0, "truncated_pairs": 2.0, "tied_pairs": 1.0}
+  source.restore(1, None)  # the count of pairs drawn is a function of the step
+  assert source.stats()["truncated_pairs"] == 1.0
+  # A tie (equal scores) is never counted as correct.
+  run = setup(cfg, jax.devices()[:1], task=RewardTask)
+  state = run.init()
+  batch = {k: v.copy() for k, v in batch.items()}
+  for k in ("tokens", "segment_ids", "positions"):
+    batch[f"rejected_{k}"] = batch[f"chosen_{k}"]
+  sums = run.task.loss(state.params, state.frozen, batch, None)[1]
+  assert float(sums["correct"]) == 0 and float(sums["pairs"]) > 0
+
+
+def test_errors_name_the_post_training_key_that_was_set(tmp_path):
+  """Before: a ppo.reward_from run without checkpoints was reported as checkpoint.init_from, and
+  a ppo.prompts (or reward.stages) glob that matched nothing as data.shards."""
+  from stepaudio_jax.data.records import ShardError
+  from stepaudio_jax.training.checkpoint import CheckpointError, restore_deliverable
+
+  run = tmp_path / "rm"
+  run.mkdir()
+  (run / "config.yaml").write_text("task: reward\n")
+  for made in ((), ("checkpoints",)):
+    if made:
+      (run / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^ppo.reward_from='{run}' (has no|holds no)"):
+      restore_deliverable(str(run), "ppo.reward_from")
+  with pytest.raises(CheckpointError, match=r"^ppo.reward_from='/missing' has no"):
+    restore_deliverable("/missing", "ppo.reward_from")
+  nothing = str(tmp_path / "none-*.array_record")
+  task = ppo.PPOTask(load_config(TINY, ["task=ppo", "vision.enabled=false",
+                                        f"ppo.prompts=[{nothing}]", "ppo.policy_from=unused",
+                                        "ppo.reward_from=unused"]), None)
+  with pytest.raises(ShardError, match=r"^ppo.prompts pattern .*none-\*.array_record' matches no"):
+    task.make_source(Split.TRAIN)
+  cfg = load_config(TINY, [*REWARD, f"reward.stages=[{{shards: [{nothing}]}}]",
+                           f"train.run_dir={tmp_path / 'run'}"])
+  with pytest.raises(ShardError, match=r"^reward.stages\[0\].shards pattern"):
+    RewardTask(cfg, None).total_steps()

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stepaudio_jax.config.fields import INPUT_PATH
-from stepaudio_jax.config.run import RunConfig, TaskCatalog
+from stepaudio_jax.config.run import RunConfig, TaskCatalog, TaskSpec
+from stepaudio_jax.config.training import TrainConfig
 
 BASE_KEY = "base"
 TASK_KEY = "task"
@@ -221,6 +222,7 @@ def load(
     spec.check_config(cfg)
   except ValueError as e:
     raise ConfigError(_explain("", e, provenance)) from e
+  _check_length(cfg, spec, provenance, [source for source, _, _ in layers])
   if num_devices is not None:
     try:
       cfg.mesh.shape(num_devices)
@@ -231,6 +233,32 @@ def load(
         f"batch_size={cfg.train.batch_size} does not divide over {num_processes} processes "
         "(each loads its own rows); make it a multiple of the process count"), provenance))
   return cfg
+
+
+def _check_length(cfg: RunConfig, spec: TaskSpec, provenance: dict[str, str],
+                  order: list[str]) -> None:
+  """Exactly one setting decides the run's length (Task.length_keys): train.epochs where the
+  task reads no epochs, or a train.steps set (to a non-default value) in the layer of those
+  keys or after it, would be ignored, so it is refused, naming the keys and where they came."""
+  keys = spec.length_keys(cfg)
+  where = lambda key: provenance.get(key, "defaults")  # noqa: E731
+  label = lambda key: f"{key}={cfg.train.epochs:g}" if key == "train.epochs" else key  # noqa: E731
+  decide = " and ".join(f"{label(k)} (set in {where(k)})" for k in keys)
+  if cfg.train.epochs and "train.epochs" not in keys:
+    by = f"{decide} {'decides' if len(keys) == 1 else 'decide'}" if keys else \
+        "train.steps decides"
+    raise ConfigError(f"invalid config: train.epochs={cfg.train.epochs:g} (set in "
+                      f"{where('train.epochs')}) does not apply to a {cfg.task} run: {by} its "
+                      "length; remove train.epochs")
+  rank = {source: i for i, source in enumerate(order)}
+  steps_at = rank.get(provenance.get("train.steps"), -1)
+  keys_at = max((rank.get(provenance.get(k), -1) for k in keys), default=len(order))
+  if cfg.train.steps != TrainConfig.steps and steps_at >= keys_at:
+    fix = ", or set train.epochs=0 to train train.steps steps" if "train.epochs" in keys else ""
+    raise ConfigError(f"invalid config: train.steps={cfg.train.steps} (set in "
+                      f"{where('train.steps')}) would be ignored: {decide} "
+                      f"{'decides' if len(keys) == 1 else 'decide'} the length of a {cfg.task} "
+                      f"run; remove train.steps{fix}")
 
 
 def _enum_choices(schema: type, key: str) -> list[str] | None:

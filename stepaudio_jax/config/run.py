@@ -56,6 +56,10 @@ class TaskSpec(Protocol):
   def check_config(cls, cfg: RunConfig) -> None:
     """Raise ValueError naming the keys when values that span sections cannot work."""
 
+  @classmethod
+  def length_keys(cls, cfg: RunConfig) -> tuple[str, ...]:
+    """The dotted keys that decide the run's length in place of train.steps (() = it does)."""
+
 
 class TaskCatalog(Protocol):
   """The registered tasks, by name."""

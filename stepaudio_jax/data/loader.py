@@ -41,7 +41,14 @@ from stepaudio_jax.data.mixture import (
   rows_to_place,
 )
 from stepaudio_jax.data.packing import pack_row, truncate
-from stepaudio_jax.data.records import RecordError, ShardError, decode_checked
+from stepaudio_jax.data.records import (
+  PREFERENCE,
+  RecordError,
+  ShardError,
+  decode,
+  decode_checked,
+  task_of,
+)
 from stepaudio_jax.data.seqio_source import SeqioTextSource
 from stepaudio_jax.data.source import BatchSource, LoaderStateError, process_rows
 from stepaudio_jax.data.templates import Segment, TemplateContext, render, template_context
@@ -51,12 +58,13 @@ SAMPLE_RECORDS = 256  # records per task whose lengths the start-up share check 
 DRIFT_WARMUP_ROWS = 4  # x data.pack_lookahead rows of a stage before its drift is reported
 
 
-def resolve_shards(globs: list[str]) -> list[str]:
+def resolve_shards(globs: list[str], key: str = "data.shards") -> list[str]:
+  """The files the globs match, in order; `key` names the setting that gave them in errors."""
   paths = []
   for pattern in globs:
     found = sorted(glob.glob(pattern)) if "://" not in pattern else [pattern]
     if not found:
-      raise ShardError(f"data.shards pattern {pattern!r} matches no file; fix the pattern or "
+      raise ShardError(f"{key} pattern {pattern!r} matches no file; fix the pattern or "
                        "write the shards")
     paths += found
   return paths
@@ -87,6 +95,30 @@ class RecordSource:
   def __len__(self) -> int:
     return self._starts[-1]
 
+  def check_task(self, task: str, key: str) -> None:
+    """Refuse, naming the shard, both tasks and `key` (the setting that listed it), a shard
+    whose first record is of another task than the one it was given for: TTS records under
+    data.shards.aqta would otherwise train as TTS, and preference pairs stop at templating.
+    A first record that cannot be decoded is left to the malformed-record path."""
+    for shard, start in enumerate(self._starts[:-1]):
+      if self._starts[shard + 1] == start:
+        continue
+      try:
+        got = task_of(decode(self[start][1]))
+      except RecordError:
+        continue
+      if got == task:
+        continue
+      path = self.paths[shard]
+      if got == PREFERENCE:
+        raise ShardError(
+            f"{key}: shard {path} holds {PREFERENCE} records (a prompt with a chosen and a "
+            f"rejected answer), not {task} records; preference pairs train task=reward "
+            "(reward.stages) and give PPO its prompts (ppo.prompts): remove the shard here")
+      raise ShardError(
+          f"{key}: shard {path} holds {got} records, not {task} records; list it under the "
+          f"{got} task (and give {got} a share) or remove it here")
+
   def __getitem__(self, index: int) -> tuple[str, bytes]:
     """(where, bytes); a record whose bytes fail the shard's checksums is a RecordError."""
     shard = bisect.bisect_right(self._starts, index) - 1
@@ -101,25 +133,30 @@ class RecordSource:
 class _Render:
   """Map step: read, decode, validate and template record `index` of `source` (None = malformed
   and skipped). Reading here, not in the source, puts a record that fails its checksum on the
-  same skip-or-stop path as one that fails to decode."""
+  same skip-or-stop path as one that fails to decode; so is a record of another task than
+  `task` (the shards' first records are checked at start: RecordSource.check_task)."""
 
-  def __init__(self, source, ctx: TemplateContext, skip_malformed: bool):
-    self.source, self.ctx, self.skip = source, ctx, skip_malformed
+  def __init__(self, source, ctx: TemplateContext, skip_malformed: bool, task: str):
+    self.source, self.ctx, self.skip, self.task = source, ctx, skip_malformed, task
 
   def __call__(self, index: int) -> Segment | None:
     try:
       where, data = self.source[index]
-      return render(decode_checked(data, self.ctx.layout, where), self.ctx)
+      example = decode_checked(data, self.ctx.layout, where)
+      if task_of(example) != self.task:
+        raise RecordError(f"{where}: a {task_of(example)} record among the {self.task} records")
+      return render(example, self.ctx)
     except RecordError as e:
       if self.skip:
         return None
       raise RecordError(f"{e} (data.skip_malformed=true skips and counts bad records)") from e
 
 
-def _sample_lengths(source, order: grain.MapDataset, ctx: TemplateContext) -> list[int]:
+def _sample_lengths(source, order: grain.MapDataset, ctx: TemplateContext, task: str
+                    ) -> list[int]:
   """Rendered lengths of the first SAMPLE_RECORDS records of a task's shuffled order (malformed
   ones left out): what the start-up share check packs."""
-  render_one = _Render(source, ctx, skip_malformed=True)
+  render_one = _Render(source, ctx, skip_malformed=True, task=task)
   segs = (render_one(order[i]) for i in range(min(SAMPLE_RECORDS, len(source))))
   return [len(s) for s in segs if s is not None]
 
@@ -278,15 +315,16 @@ class GrainLoader(BatchSource):
                                  data.seqio_feature, data.seqio_ids, ctx.tokenizer,
                                  data.seqio_module)
       else:
+        key = f"data.{'eval_shards' if held_out else 'shards'}"
         if not shards.get(task):
-          raise ValueError(f"data.{'eval_shards' if held_out else 'shards'} has no globs for "
-                           f"task {task!r}, which the stages mix")
-        source = RecordSource(resolve_shards(shards[task]))
+          raise ValueError(f"{key} has no globs for task {task!r}, which the stages mix")
+        source = RecordSource(resolve_shards(shards[task], f"{key}.{task}"))
+        source.check_task(task, f"{key}.{task}")
       order = grain.MapDataset.range(len(source)).shuffle(seed=seed * 1009 + i).repeat(None)
-      components[task] = order.map(_Render(source, ctx, data.skip_malformed))
+      components[task] = order.map(_Render(source, ctx, data.skip_malformed, task))
       sizes[task], sources[task], orders[task] = len(source), source, order
       if task in checked:
-        lengths[task] = _sample_lengths(source, order, ctx)
+        lengths[task] = _sample_lengths(source, order, ctx, task)
     if not held_out:
       require_shares(check_shares(schedule, lengths, seq_len, vision.max_images_per_sequence,
                                   data.pack_lookahead, data.share_tolerance),
@@ -365,7 +403,7 @@ class GrainLoader(BatchSource):
     lengths = {}
     for task, source in self._sources.items():
       if self._schedule.weights[-1][task] > 0:
-        render_one = _Render(source, self._ctx, skip_malformed=True)
+        render_one = _Render(source, self._ctx, skip_malformed=True, task=task)
         lengths[task] = [None if s is None else min(len(s), self.seq_len)
                          for s in map(render_one, range(len(source)))]
 

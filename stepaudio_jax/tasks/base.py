@@ -166,6 +166,14 @@ class Task:
     """Raise ValueError, naming the keys, for values across sections that cannot work
     together; the loader runs it, so a bad config stops before anything is built."""
 
+  @classmethod
+  def length_keys(cls, cfg: RunConfig) -> tuple[str, ...]:
+    """The dotted keys that decide the run's length in place of train.steps (see total_steps);
+    () = train.steps does. The loader refuses a config that sets train.steps (to another value
+    than its default) in the layer that sets these keys or a later one, since it would be
+    ignored, and train.epochs where these keys do not include it."""
+    return ()
+
   def __init__(self, cfg: RunConfig, shard: LogicalSharding | None):
     self.cfg, self.shard = cfg, shard
     self._abstract: dict[str, tuple[nnx.GraphDef, nnx.State, nnx.State]] = {}

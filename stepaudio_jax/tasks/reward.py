@@ -9,9 +9,14 @@ has no EOS there (cut by train.seq_len, or a record without one) is counted in `
 left out of the loss. Loss: -log sigmoid(r_chosen - r_rejected - margin).
 
 Stages (`reward.stages`, report: text pairs, then audio-question pairs, one epoch each) follow
-each other in one run; their passes decide the run's length. Eval reads every stage's held-out
-pairs and reports pair accuracy, mean margin, and the mean and std of all scores, which PPO
-reads (read_score_stats) from RUN_DIR/eval_metrics.json to normalise the score.
+each other in one run; their passes decide the run's length. train.steps and train.epochs do
+not apply: a config that sets train.steps in the layer that sets reward.stages or a later one
+(`train.steps=4` on the command line), or sets train.epochs, is refused naming the keys (a
+train.steps inherited from a base below reward.stages' layer is overridden by the stages).
+Pairs with equal answers are left out, and pairs cut to train.seq_len counted (data/pairs.py).
+Eval reads every stage's held-out pairs and reports pair accuracy (a tie is not correct), mean
+margin, and the mean and std of all scores, which PPO reads (read_score_stats) from
+RUN_DIR/eval_metrics.json to normalise the score.
 """
 
 import dataclasses
@@ -94,6 +99,10 @@ class RewardTask(Task):
   deliverables = {"reward": Deliverable("reward", "reward")}
 
   @classmethod
+  def length_keys(cls, cfg):
+    return ("reward.stages",)
+
+  @classmethod
   def check_config(cls, cfg):
     check_lm_config(cfg)
     if not cfg.reward.stages:
@@ -105,6 +114,7 @@ class RewardTask(Task):
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)
     self._ctx = None
+    self._counted: PairSource | None = None  # the train source total_steps read, unused yet
 
   @property
   def ctx(self) -> TemplateContext:
@@ -175,16 +185,23 @@ class RewardTask(Task):
   def _stages(self, split: Split) -> list[PairStage]:
     stages = self.cfg.reward.stages
     if split == Split.EVAL:
-      return [PairStage(tuple(g for s in stages for g in s.eval_shards), 1.0)]
-    return [PairStage(tuple(s.shards), s.epochs) for s in stages]
+      return [PairStage(tuple(g for s in stages for g in s.eval_shards), 1.0,
+                        "reward.stages[].eval_shards")]
+    return [PairStage(tuple(s.shards), s.epochs, f"reward.stages[{i}].shards")
+            for i, s in enumerate(stages)]
 
   def make_source(self, split: Split) -> BatchSource:
+    if split == Split.TRAIN and self._counted is not None:  # read once, warned about once
+      source, self._counted = self._counted, None
+      return source
     tc, counter = self.cfg.train, self.cfg.reward.counter_answer
     answer = np.asarray(self.ctx.tokenizer.encode(counter), np.int32) if counter else None
     return PairSource(self._stages(split), self.ctx, tc.seq_len, tc.batch_size, tc.seed, answer)
 
   def total_steps(self) -> int:
-    return self.make_source(Split.TRAIN).total_steps()
+    """The stages' passes over their pairs (tied pairs left out); see length_keys."""
+    self._counted = self.make_source(Split.TRAIN)
+    return self._counted.total_steps()
 
   def warm_start(self, params, frozen, load):
     """A reward model run continues as it is; an LM run (SFT, pretraining) gives the backbone

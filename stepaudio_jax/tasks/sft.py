@@ -5,7 +5,13 @@ on packed rows. What makes it SFT is the data: `tts`, `aqta` and `asr` records r
 data/templates.py, whose loss masks keep only the learned turn (the TTS target audio, the last
 AQTA answer, the ASR transcript), read from shards through the Grain loader; `train.epochs`
 passes over them decide the run's length; `checkpoint.init_from` names the pretrained (or
-earlier SFT) run to start from.
+earlier SFT) run to start from. Each shard's records must be of the task it is listed for.
+
+Length: with train.epochs > 0 the epochs decide and train.steps does not apply, so a config
+that sets train.steps in the same layer as train.epochs or a later one (`train.steps=4` on
+the command line of an epoch-based config) is refused, naming both keys; a train.steps
+inherited from a base below the layer that sets train.epochs is overridden by it. With
+train.epochs=0, train.steps decides.
 """
 
 from stepaudio_jax.config.data import DataSource
@@ -25,6 +31,10 @@ class SFTTask(PretrainTask):
           f"task=sft trains on chat records ({', '.join(SFT_TASKS)}) read from shards: set "
           f"data.source=grain and give only those tasks a share in data.stages (now: source "
           f"{cfg.data.source.value}, other tasks {other})")
+
+  @classmethod
+  def length_keys(cls, cfg):
+    return ("train.epochs",) if cfg.train.epochs else ()
 
   def total_steps(self) -> int:
     tc = self.cfg.train

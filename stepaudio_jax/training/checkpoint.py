@@ -216,16 +216,18 @@ class Checkpointer:
         pass  # the same failure, raised by wait() above
 
 
-def restore_params(run_dir: str, trees: tuple[str, ...] = ("params",)) -> dict:
+def restore_params(run_dir: str, trees: tuple[str, ...] = ("params",),
+                   key: str = "checkpoint.init_from") -> dict:
   """The `trees` of the state ("params", "frozen"), by model, of a run directory's newest
-  checkpoint, as host arrays; with the default, the trainable parameters alone.
+  checkpoint, as host arrays; with the default, the trainable parameters alone. `key` names
+  the setting that gave `run_dir` in errors.
 
   Never reads the optimizer state, so a warm start works for any model shape; the caller
   checks the shapes against its own models.
   """
   directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
   if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint.init_from={run_dir!r} has no {directory}")
+    raise CheckpointError(f"{key}={run_dir!r} has no {directory}")
   manager = ocp.CheckpointManager(
       directory,
       item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
@@ -234,7 +236,7 @@ def restore_params(run_dir: str, trees: tuple[str, ...] = ("params",)) -> dict:
   try:
     step = manager.latest_step()
     if step is None:
-      raise CheckpointError(f"checkpoint.init_from={run_dir!r} holds no complete checkpoint")
+      raise CheckpointError(f"{key}={run_dir!r} holds no complete checkpoint")
     try:
       data = manager.restore(step, args=ocp.args.Composite(
           data=ocp.args.JsonRestore()))["data"]
@@ -251,7 +253,7 @@ def restore_params(run_dir: str, trees: tuple[str, ...] = ("params",)) -> dict:
       )))
     except UNREADABLE as e:
       raise CheckpointError(
-          f"checkpoint.init_from={run_dir!r}: step {step} in {directory} cannot be read "
+          f"{key}={run_dir!r}: step {step} in {directory} cannot be read "
           f"({_first_line(e)})"
       ) from e
   finally:
@@ -280,7 +282,7 @@ def restore_deliverable(run_dir: str, key: str = "checkpoint.init_from"
     _, model = deliverable(task, where=f"{key}={run_dir!r}")
   except ConfigError as e:
     raise CheckpointError(str(e)) from e
-  state = restore_params(run_dir, ("params", "frozen"))
+  state = restore_params(run_dir, ("params", "frozen"), key)
   tree = _merged(state.get("params", {}).get(model.group, {}),
                  state.get("frozen", {}).get(model.group, {}))
   for k in model.within:
