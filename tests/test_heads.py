@@ -22,20 +22,38 @@ def _packed_batch(vocab):
   return tokens, seg, pos
 
 
-def test_backbone_without_lm_head_has_none_and_the_same_hidden_states():
-  full = Step1(TINY, rngs=nnx.Rngs(0))
-  trunk = Step1(TINY, with_lm_head=False, rngs=nnx.Rngs(1))
+def test_backbone_without_lm_head_has_none_and_gives_what_the_lm_head_reads():
+  """The trunk's output is the final norm's (unit RMS times its scale), and the full LM's logits
+  are that output times lm_head, computed here in numpy."""
+  cfg = dataclasses.replace(TINY, rms_norm_eps=1e-12)  # so the RMS is 1 to float precision
+  full = Step1(cfg, rngs=nnx.Rngs(0))
+  trunk = Step1(cfg, with_lm_head=False, rngs=nnx.Rngs(1))
   params = nnx.to_pure_dict(nnx.state(trunk))
   assert set(params) == {"embed", "layers", "final_norm"}
   n = sum(x.size for x in jax.tree.leaves(params))
   assert n == TINY.num_params() - TINY.hidden_size * TINY.vocab_size
-  backbone = {k: v for k, v in nnx.to_pure_dict(nnx.state(full)).items() if k != "lm_head"}
-  nnx.update(trunk, backbone)
+  full_params = nnx.to_pure_dict(nnx.state(full))
+  scale = np.random.default_rng(0).uniform(0.5, 2.0, TINY.hidden_size).astype(np.float32)
+  full_params["final_norm"]["scale"] = scale
+  nnx.update(full, full_params)
+  nnx.update(trunk, {k: v for k, v in full_params.items() if k != "lm_head"})
   tokens, seg, pos = _packed_batch(TINY.vocab_size)
-  hidden = jax.jit(lambda m: m.hidden_states(m.embed_tokens(tokens), seg, pos)[0])
-  h_trunk, h_full = hidden(trunk), hidden(full)
-  assert h_trunk.shape == (2, 16, TINY.hidden_size)
-  np.testing.assert_array_equal(h_trunk, h_full)
+  h = np.asarray(jax.jit(lambda m: m.hidden_states(m.embed_tokens(tokens), seg, pos)[0])(trunk))
+  assert h.shape == (2, 16, TINY.hidden_size)
+  np.testing.assert_allclose(np.sqrt(np.mean((h / scale) ** 2, axis=-1)), 1.0, rtol=1e-5)
+  logits = np.asarray(jax.jit(lambda m: m(tokens, seg, pos))(full))
+  np.testing.assert_allclose(logits, h @ np.asarray(full_params["lm_head"]), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_scalar_head_is_h_times_w_plus_b():
+  head = ScalarHead(TINY, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((TINY.hidden_size, 1)).astype(np.float32)
+  nnx.update(head, {"weight": w, "bias": np.array([0.25], np.float32)})
+  h = rng.standard_normal((2, 3, TINY.hidden_size)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(head(jnp.asarray(h))), h @ w[:, 0] + 0.25, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_scalar_head_shape_dtype_axes_and_initial_scale():
