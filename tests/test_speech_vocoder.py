@@ -72,3 +72,22 @@ def test_mel_loss_falls_on_the_committed_pairs(tmp_path):
   assert last < 0.8 * first, (first, last)
   assert all(np.isfinite(h["discriminator/loss"]) for h in history)
   assert set(history[-1]) >= {"generator/adv", "generator/fm", "discriminator/loss"}
+
+
+@pytest.mark.parametrize("segment,needles", [
+    (65536, ("vocoder.segment=65536 samples is longer than every training utterance",
+             "the longest has 23,814 samples", "at most 23808")),
+    (1000, ("vocoder.segment=1000 must be a multiple of mel.hop=256, e.g. 1024",)),
+])
+def test_a_segment_the_data_cannot_fill_is_one_error_line(tmp_path, capsys, segment, needles):
+  """Before: vocoder.segment=65536 against utterances of at most 23,814 samples trained on rows
+  of >= 64% zero padding and exited 0."""
+  from stepaudio_jax import cli
+
+  code = cli.main(["train", VOCODER, *SMALL, f"vocoder.segment={segment}",
+                   f"train.run_dir={tmp_path}"])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  (line,) = [ln for ln in err.splitlines() if ln.startswith("stepaudio train: error:")]
+  for needle in needles:
+    assert needle in line, line

@@ -8,7 +8,10 @@ learning rates and betas), and two updates in every jitted step, in this order:
      + fm_weight (2, applied once) x sum over every feature map of mean|D_l(y) - D_l(G(x))|
      + mel_weight (45) x mean|mel(G(x)) - mel(y)|.
 x = log-mel of the real segment y (audio/mel.py, the flow model's features), computed in the
-step. Each row is `vocoder.segment` samples of real speech (data/speech_pairs.py SegmentSource).
+step. Each row is `vocoder.segment` samples of real speech (data/speech_pairs.py SegmentSource),
+zero-padded past an utterance's end: a segment longer than every training utterance (rows that
+are mostly padding) is refused at start, naming the longest; one longer than most of them is
+warned about once.
 
 Each update is named for the model it trains, and its metrics (`discriminator/...`,
 `generator/...`: the loss and its terms per row) follow from that name.
@@ -17,16 +20,20 @@ Divergence guard (`stop_reason`): a step whose `discriminator/loss` passes vocod
 stops the run there, before it is checkpointed, saying which optimizer to change.
 """
 
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stepaudio_jax.audio.mel import log_mel
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.speech import MelConfig, SpeechDataConfig, VocoderConfig
 from stepaudio_jax.data.speech_pairs import SegmentSource, load_pairs, split_file
 from stepaudio_jax.models.hifigan import Discriminators, Generator
 from stepaudio_jax.tasks.base import BatchField, Deliverable, Model, Split, Task, Update
+
+log = logging.getLogger(__name__)
 
 
 def discriminator_loss(real: list, fake: list) -> jax.Array:
@@ -58,8 +65,10 @@ class VocoderTask(Task):
     if cfg.vocoder.hop != cfg.mel.hop:
       raise ValueError(f"vocoder.upsample_rates multiply to {cfg.vocoder.hop} samples per "
                        f"frame but mel.hop is {cfg.mel.hop}; they must be equal")
-    if cfg.vocoder.segment % cfg.mel.hop:
-      raise ValueError(f"vocoder.segment={cfg.vocoder.segment} must be a multiple of mel.hop")
+    segment, hop = cfg.vocoder.segment, cfg.mel.hop
+    if segment % hop:
+      raise ValueError(f"vocoder.segment={segment} must be a multiple of mel.hop={hop}, e.g. "
+                       f"{max(round(segment / hop), 1) * hop}")
 
   def __init__(self, cfg, shard):
     super().__init__(cfg, shard)
@@ -136,8 +145,28 @@ class VocoderTask(Task):
     if name not in self._utts:
       self._utts[name] = load_pairs(split_file(self.cfg.speech_data.path, name), self.cfg.mel,
                                     0)
+      if split == Split.TRAIN:
+        self._check_segment(self._utts[name])
     return SegmentSource(self._utts[name], tc.batch_size, self.cfg.vocoder.segment,
                          split == Split.TRAIN, tc.seed)
+
+  def _check_segment(self, utts) -> None:
+    """Refuse a segment longer than every training utterance; warn when most are shorter."""
+    segment, hop, rate = self.cfg.vocoder.segment, self.cfg.mel.hop, self.cfg.mel.sample_rate
+    lengths = np.asarray([len(u.wave) for u in utts])
+    where = f"speech_data.path={self.cfg.speech_data.path!r}"
+    if not len(lengths) or segment > lengths.max():
+      longest = int(lengths.max()) if len(lengths) else 0
+      raise ConfigError(
+          f"vocoder.segment={segment} samples is longer than every training utterance of "
+          f"{where} (the longest has {longest:,} samples, {longest / rate:.2f} s): every row "
+          f"would be at least {1 - longest / segment:.0%} zero padding; set vocoder.segment to "
+          f"at most {longest // hop * hop} (a multiple of mel.hop={hop})")
+    shorter = float(np.mean(lengths < segment))
+    if shorter > 0.5:
+      log.warning("vocoder.segment=%d samples is longer than %.0f%% of the training utterances "
+                  "of %s (median %d samples): many rows end in zero padding", segment,
+                  100 * shorter, where, int(np.median(lengths)))
 
   def items_per_step(self) -> float:
     """Waveform samples per step."""
