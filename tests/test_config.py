@@ -212,3 +212,15 @@ def test_one_setting_decides_the_run_length(tmp_path):
   # corpus.yaml's steps: 200 sits below the layer that sets epochs (or stages): overridden.
   assert load_config(sft).train.epochs == 1 and load_config(reward).reward.stages
   assert load_config(sft, ["train.epochs=0", "train.steps=7"]).train.steps == 7
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["mesh.tensor=8"], r"model.num_heads=4 does not split over mesh.tensor=8 \(mesh.rules.heads"),
+    (["mesh.tensor=2", "mesh.sequence=4"],
+     r"model.num_heads=4 does not split over mesh.tensor=2 x mesh.sequence=4"),
+    (["mesh.tensor=3"], r"model.num_heads=4 does not split over mesh.tensor=3"),
+])
+def test_a_mesh_that_cannot_split_the_model_is_refused_at_load(overrides, needle):
+  """Before: only Step1's construction refused it, so a dry run (launch/submit.py) passed."""
+  with pytest.raises(ConfigError, match=needle + r".*mesh.tensor set in command line"):
+    load_config("configs/tiny.yaml", overrides)

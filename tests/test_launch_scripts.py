@@ -92,6 +92,9 @@ def test_k8s_renders_a_jobset_per_slice_with_multislice_environment():
     (["k8s", "--name", "a", "--image", "i", "--type", "v5p-16", "--topology", "2x2x1", TINY],
      "has 4 chips, but v5p-16 has 8"),
     (["slurm", "--nodes", "2", TINY], "train.batch_size=8 does not divide"),
+    # Before: exit 0, though Step1 refuses 4 heads over 8 ways when the job starts.
+    (["tpu", "--name", "a", *ZONE, "--type", "v5p-16", TINY, "mesh.tensor=8"],
+     "model.num_heads=4 does not split over mesh.tensor=8"),
 ])
 def test_a_bad_launch_stops_before_running_anything(argv, needle, capsys):
   assert submit.main([*argv[:1], "--dry-run", *argv[1:]]) == 2

@@ -91,14 +91,15 @@ def test_mesh_that_does_not_divide_the_model_is_named():
   with pytest.raises(ValueError, match=r"model/lm/embed of shape \(512, 68\) \(axes "
                                        r"\('vocab', 'embed'\)\).*size 68.*'fsdp',\) \(size 8\)"):
     setup(cfg)
-  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=1", "mesh.tensor=8"])
+  # A size set in the config is checked at load (test_config.py); -1 is known at setup.
+  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=1", "mesh.tensor=-1"])
   with pytest.raises(ValueError, match=r"attention heads \(model.num_heads=4\).*\('tensor',\) "
                                        r"\(size 8\)"):
     setup(cfg)
 
 
 def test_sequence_axis_must_divide_the_kv_heads():
-  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.sequence=4"])
+  cfg = load_config("configs/tiny.yaml", ["mesh.fsdp=2", "mesh.sequence=-1"])  # 4 of 8
   with pytest.raises(ValueError, match=r"attention heads \(model.num_kv_heads=2\).*"
                                        r"\('sequence',\) \(size 4\)"):
     setup(cfg)

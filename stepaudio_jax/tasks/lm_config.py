@@ -1,11 +1,38 @@
-"""Checks of the LM sections (model, tokens, vision, data, synthetic, train) that every task
-training a Step1 model runs when its config loads."""
+"""Checks of the LM sections (model, tokens, vision, data, synthetic, train, mesh) that every
+task training a Step1 model runs when its config loads."""
+
+import math
 
 from stepaudio_jax.config import RunConfig
 from stepaudio_jax.config.data import DataSource
+from stepaudio_jax.config.mesh import MESH_AXES
+
+# Step1 dimensions the mesh splits, with the logical axes (mesh.rules) each is split by: heads
+# as parameters and inside attention (tensor x sequence), the MLP and the vocabulary.
+SPLIT_DIMS = (("num_heads", ("heads", "act_attn_heads")),
+              ("num_kv_heads", ("kv_heads", "act_attn_kv_heads")),
+              ("intermediate_size", ("mlp",)), ("vocab_size", ("vocab",)))
+
+
+def check_model_fits_mesh(cfg: RunConfig) -> None:
+  """The mesh axes of set size (not -1) divide every Step1 dimension they split, as Step1's
+  construction demands; checked at load, so a dry run (launch/submit.py) refuses it too. An
+  axis of size -1 is only known with the devices, and Step1 checks it when it is built."""
+  mesh = cfg.mesh
+  sizes = dict(zip(MESH_AXES, (mesh.data, mesh.fsdp, mesh.sequence, mesh.tensor)))
+  for field, rules in SPLIT_DIMS:
+    dim = getattr(cfg.model, field)
+    for rule in rules:
+      axes = [a for a in mesh.rules.get(rule, []) if sizes[a] != -1]
+      ways = math.prod(sizes[a] for a in axes)
+      if dim % ways:
+        split = " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+        raise ValueError(f"model.{field}={dim} does not split over {split} (mesh.rules.{rule}: "
+                         f"{ways} ways); choose mesh sizes whose product divides it")
 
 
 def check_lm_config(cfg: RunConfig) -> None:
+  check_model_fits_mesh(cfg)
   needed = cfg.tokens.min_vocab_size(cfg.vision.enabled)
   if cfg.model.vocab_size < needed:
     raise ValueError(
