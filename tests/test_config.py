@@ -224,3 +224,15 @@ def test_a_mesh_that_cannot_split_the_model_is_refused_at_load(overrides, needle
   """Before: only Step1's construction refused it, so a dry run (launch/submit.py) passed."""
   with pytest.raises(ConfigError, match=needle + r".*mesh.tensor set in command line"):
     load_config("configs/tiny.yaml", overrides)
+
+
+def test_image_shares_without_vision_are_refused_at_load():
+  """Before: configs/corpus.yaml vision.enabled=false stopped in the loader with a traceback
+  (exit 1). Tasks that read no data.stages (reward, PPO) keep the corpus stages unread."""
+  with pytest.raises(ConfigError, match=r"data.stages \[0, 1, 2\] give image_text a share but "
+                                        r"vision.enabled=false: set image: 0 .*vision.enabled "
+                                        r"set in command line"):
+    load_config("configs/corpus.yaml", ["vision.enabled=false"])
+  no_image = "data.stages=[{audio: 2, text: 1, image: 0, continuation: 1}]"
+  assert not load_config("configs/corpus.yaml", ["vision.enabled=false", no_image]).vision.enabled
+  assert load_config("configs/reward/corpus.yaml").reward.stages
