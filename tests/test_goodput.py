@@ -53,6 +53,58 @@ def test_step_times_split_wall_time_and_move_compiling_out_of_the_phase():
   assert second["goodput_total"] == 11.0 / 20.0
 
 
+def test_an_interval_that_ends_inside_a_phase_splits_it():
+  """The metrics hook logs (ends an interval) from within its own phase: the phase's time
+  before that counts in the interval that ends, the rest in the next."""
+  clock = _Clock()
+  with goodput.StepTimes(clock) as times:
+    with times.phase("step"):
+      clock.now += 3.0  # waiting for the device
+      first = times.interval()
+      clock.now += 1.0
+    clock.now += 1.0
+    second = times.interval()
+  assert first["time/step_seconds"] == 3.0 and first["goodput"] == 1.0
+  assert second["time/step_seconds"] == 1.0 and second["goodput"] == 0.5
+  assert second["goodput_total"] == 4.0 / 5.0
+
+
+class _DeviceValue:
+  """A metric that, like a value still on the device, takes `seconds` to fetch."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+
+  def __float__(self):
+    time.sleep(self.seconds)
+    return 0.5
+
+
+def test_goodput_stays_within_0_and_1_on_a_toy_run(tmp_path):
+  """Before: the metrics hook's wait for the device (before it logs) counted in the next
+  interval too, so a long step followed by short ones showed goodput up to 300%: every
+  second of the wait was counted where it happened and again after the log line."""
+  from stepaudio_jax.training.hooks import MetricsHook
+  from stepaudio_jax.training.progress import Progress
+
+  waits = [0.01, 0.3] * 4
+
+  def train_step(state, batch):
+    return state, {"loss": _DeviceValue(waits[batch])}
+
+  times = goodput.StepTimes()
+  progress = Progress(str(tmp_path), len(waits), 0, "tokens", 0, 0, ("loss",), True,
+                      lambda *a, **k: None, times)
+  metrics = MetricsHook(progress, 1, len(waits), lambda: None, lambda *a, **k: None)
+  with loop.StopFlag() as stop, times:
+    loop.run(None, train_step, ((i, {}) for i in range(len(waits))), 0, len(waits), [metrics],
+             stop, times=times)
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert len(lines) == len(waits)
+  for x in lines:
+    assert 0 <= x["goodput"] <= 1 and 0 <= x["goodput_total"] <= 1, x
+
+
 def test_a_blocked_step_dumps_every_stack_and_exits(tmp_path):
   """The step blocks (a hung collective, say): within the timeout the watchdog writes all
   threads' stacks, the blocked frame among them, and calls the exit."""

@@ -5,7 +5,10 @@ lowering and compiling programs (compile, from JAX's monitoring events, wherever
 the first step, an eval, a recompile), dispatching and waiting for steps (step: the metrics hook
 blocks on the device one step late), writing checkpoints and evaluating. Goodput is the step
 share of the wall time. A save step's checkpoint phase also waits for that step to finish
-(its metrics are checked before saving), so it counts one step of device time.
+(its metrics are checked before saving), so it counts one step of device time. Phases do not
+nest, and an interval may end inside a phase (the metrics hook logs from within its own): the
+part of the open phase before that end counts in the interval that ends, the rest in the next,
+so no second counts twice and goodput stays within [0, 1].
 
 HangWatchdog: with async dispatch a hung collective or device never raises, the process just
 stops returning from the loop's hooks. From the third step of a (re)start on (the first ones
@@ -49,6 +52,7 @@ class StepTimes:
     self._interval = dict.fromkeys(PHASES, 0.0)
     self._total = dict.fromkeys(PHASES, 0.0)
     self._interval_start = self._start = clock()
+    self._open: list | None = None  # [name, begin] of the phase in progress
     self.compile_listeners: list[Callable[[str], None]] = []  # called with each event's name
 
   def _on_event(self, event: str, duration_secs: float, **_) -> None:
@@ -72,15 +76,24 @@ class StepTimes:
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:
     """Time the block as `name`, less the compiling that happened inside it."""
+    if self._open is not None:
+      raise RuntimeError(f"phase {name!r} inside phase {self._open[0]!r}: phases do not nest")
     self._compiling = 0.0
-    begin = self.clock()
+    self._open = [name, self.clock()]
     try:
       yield
     finally:
-      compiling = min(self._compiling, self.clock() - begin)
-      self._add("compile", compiling)
-      self._add(name, self.clock() - begin - compiling)
-      self._compiling = 0.0
+      self._count_open(self.clock())
+      self._open = None
+
+  def _count_open(self, now: float) -> None:
+    """Count the open phase from its begin (or the last interval's end) to `now`."""
+    name, begin = self._open
+    compiling = min(self._compiling, now - begin)
+    self._add("compile", compiling)
+    self._add(name, now - begin - compiling)
+    self._compiling = 0.0
+    self._open[1] = now
 
   def _shares(self, seconds: dict, wall: float) -> dict[str, float]:
     out = {f"time/{p}_seconds": seconds[p] for p in PHASES}
@@ -91,6 +104,8 @@ class StepTimes:
   def interval(self) -> dict[str, float]:
     """Per-phase seconds since the last call, its goodput, and the goodput since the start."""
     now = self.clock()
+    if self._open is not None:  # called from within a phase: its part so far ends here
+      self._count_open(now)
     out = self._shares(self._interval, now - self._interval_start)
     out["goodput_total"] = self._total["step"] / max(now - self._start, 1e-9)
     self._interval = dict.fromkeys(PHASES, 0.0)
