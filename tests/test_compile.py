@@ -50,7 +50,17 @@ def test_cli_prints_memory_time_and_mfu(capsys):
                    "2", *TINY]) == 0
   out = capsys.readouterr().out
   assert "GiB of 95 GiB: fits" in out and "MFU at 459 TFLOP/s" in out
-  assert "extrapolated linearly" in out
+  assert "extrapolated linearly" in out and "(analytic estimate " in out
+
+
+def test_a_task_without_an_lm_gets_no_lm_arithmetic(capsys):
+  """Before: the flow model's compile printed the LM's analytic estimate of the base config
+  (499.71 GiB) and "extrapolated linearly to 88 layers", Step1 arithmetic of a model it does
+  not have. Now the memory line has no analytic figure and the step is costed as configured."""
+  assert cli.main(["compile", "configs/speech/flow_tiny.yaml", "--topology", "v5p:2x2x1"]) == 0
+  out = capsys.readouterr().out
+  assert "GiB of 95 GiB: fits" in out and "XLA step time" in out, out
+  assert "analytic" not in out and "extrapolated" not in out and "layers" not in out, out
 
 
 def test_libtpu_logs_no_errors_on_a_host_without_a_tpu():
@@ -115,7 +125,7 @@ if __name__ == "__main__":
 def test_costed_programs_have_no_collective_matmul_loops():
   """At 8 rows per chip on 8 chips XLA makes FSDP matmuls of width 1,024 collective matmuls:
   while loops whose bodies the cost model counts once (the 3B saw 0.71x its FLOPs per layer,
-  README). The costed programs turn them off: no loops left, and more FLOPs counted (measured
+  docs/scale.md). The costed programs turn them off: no loops left, and more FLOPs counted (measured
   3.86e11 against 2.67e11 per chip at depth 1)."""
   cfg = aot._at_depth(load_config("configs/tiny.yaml", [
       "train.batch_size=64", "train.seq_len=512", "vision.enabled=false",

@@ -157,6 +157,10 @@ class Task:
   sections: ClassVar[Mapping[str, type]] = {}
   # The models of a run that may leave it, by name; the first is what the run delivers.
   deliverables: ClassVar[Mapping[str, Deliverable]] = {}
+  # Whether the step's cost grows layer by layer with model.num_layers (Step1 models, their
+  # layers scanned with model.scan_layers): `stepaudio compile` then estimates the step time
+  # from unrolled compiles at two depths (training/aot.py); other tasks are costed as configured.
+  scans_step1_layers: ClassVar[bool] = False
   # The config sections of the optimizers its models train with (each has learning_rate and
   # grad_clip_norm): the advice after a non-finite metric names them.
   optimizer_keys: ClassVar[tuple[str, ...]] = ("optimizer",)
@@ -235,6 +239,11 @@ class Task:
   def flops_per_step(self) -> float:
     """Analytic model FLOPs of one step, for MFU (0 = not reported)."""
     return 0.0
+
+  def analytic_bytes(self, micro_batch: int, devices: int) -> float | None:
+    """Analytic HBM bytes per device of one step with `micro_batch` rows per microbatch, which
+    `stepaudio compile` prints beside XLA's figure; None = no estimate for this task."""
+    return None
 
   def warm_start(self, params: dict, frozen: dict,
                  load: Callable[..., tuple[Deliverable, dict]]) -> tuple[dict, dict]:

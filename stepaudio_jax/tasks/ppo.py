@@ -154,6 +154,7 @@ class PPOTask(Task):
                    "rollout/response_length", "learning_rate/policy")
 
   sections = {"ppo": PPOConfig}
+  scans_step1_layers = True  # policy, reference, critic and reward model: Step1 backbones
   deliverables = {"policy": Deliverable("policy", "step1"),  # never the frozen reference
                   "critic": Deliverable("critic", "reward"),
                   "reference": Deliverable("reference", "step1"),

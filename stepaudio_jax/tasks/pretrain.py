@@ -44,6 +44,7 @@ class PretrainConfig:
 class PretrainTask(Task):
   sections = {"pretrain": PretrainConfig}
   deliverables = {"lm": Deliverable("model", "step1", ("lm",))}
+  scans_step1_layers = True
 
   @classmethod
   def check_config(cls, cfg):
@@ -99,6 +100,10 @@ class PretrainTask(Task):
 
   def flops_per_step(self) -> float:
     return flops.train_step_flops(self.cfg, self.cfg.train.batch_size)
+
+  def analytic_bytes(self, micro_batch: int, devices: int) -> float:
+    """One Step1 LM trained with Adam (models/flops.py train_memory_estimate)."""
+    return flops.train_memory_estimate(self.cfg, micro_batch, devices).total
 
   def warm_start(self, params, frozen, load):
     """The LM of checkpoint.init_from (e.g. a text-only run), its vocabulary grown to

@@ -97,6 +97,7 @@ class RewardTask(Task):
 
   sections = {"reward": RewardConfig}
   deliverables = {"reward": Deliverable("reward", "reward")}
+  scans_step1_layers = True
 
   @classmethod
   def length_keys(cls, cfg):

@@ -3,11 +3,14 @@
 This answers "does this config fit, and how fast could it be?" before paying for hardware.
 Memory: `memory_analysis()` of the step exactly as configured (right for scanned layers).
 Time: XLA's cost model (`cost_analysis()`: flops and `optimal_seconds`) counts the body of a
-scan once (facts.md 6), so a scanned model's figures cover one layer and one microbatch. The
-estimate therefore compiles the same step unrolled (scan off) at two small depths with one
-microbatch of the configured size, extrapolates linearly to the real depth and multiplies by
-the number of microbatches (the optimizer update, counted once per microbatch that way, is a
-few milliseconds of memory traffic: the estimate errs slow by that much).
+scan once (facts.md 6), so a scanned model's figures cover one layer and one microbatch. For a
+task whose cost grows with Step1's layers (Task.scans_step1_layers: the LM tasks) the estimate
+therefore compiles the same step unrolled (scan off) at two small depths with one microbatch of
+the configured size, extrapolates linearly to the real depth and multiplies by the number of
+microbatches (the optimizer update, counted once per microbatch that way, is a few
+milliseconds of memory traffic: the estimate errs slow by that much). Other tasks (flow,
+vocoder) are costed as configured, one microbatch times their number. The analytic memory
+figure is the task's own (Task.analytic_bytes), printed only where it has one.
 """
 
 import dataclasses
@@ -19,7 +22,7 @@ import numpy as np
 
 from stepaudio_jax.config import ConfigError, RunConfig
 from stepaudio_jax.launch import has_accelerator
-from stepaudio_jax.models import flops as flops_lib
+from stepaudio_jax.tasks.registry import task_class
 from stepaudio_jax.training.setup import setup
 
 
@@ -62,7 +65,7 @@ class AotReport:
   mesh: dict
   bytes_per_chip: int
   hbm_per_chip: int
-  analytic_bytes_per_chip: float
+  analytic_bytes_per_chip: float | None  # the task's estimate (Task.analytic_bytes), if any
   xla_flops: float  # of the compiled program as XLA counts it (one scan body once)
   step_flops: float  # analytic model FLOPs of one step (no remat recompute)
   tokens_per_step: float
@@ -74,10 +77,12 @@ class AotReport:
   def describe(self, config: str) -> list[str]:
     """The memory lines of `stepaudio compile` for the run config at path `config`."""
     mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+    analytic = ("" if self.analytic_bytes_per_chip is None else
+                f" (analytic estimate {self.analytic_bytes_per_chip / GIB:.2f} GiB)")
     return [f"{config} on {self.topology}: {self.chips} chips, mesh {mesh}",
             f"  HBM per chip      {self.bytes_per_chip / GIB:7.2f} GiB of "
-            f"{self.hbm_per_chip / GIB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'} "
-            f"(analytic estimate {self.analytic_bytes_per_chip / GIB:.2f} GiB)"]
+            f"{self.hbm_per_chip / GIB:.0f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}"
+            + analytic]
 
   def overflow(self) -> str:
     """Why a step that does not fit does not, and what to change."""
@@ -91,7 +96,7 @@ class AotReport:
 class StepTimeEstimate:
   """XLA's whole-step figures, from unrolled compiles at `depths` (None: as configured)."""
 
-  depths: tuple[int, int] | None
+  depths: tuple[int, int] | None  # the unrolled Step1 depths extrapolated from, if any
   num_layers: int
   microbatches: int
   xla_flops: float  # per chip: XLA costs the per-device program
@@ -131,8 +136,8 @@ class StepTimeEstimate:
                      "misses part of this program (a loop body counted once, or a kernel's "
                      "declared cost): this MFU is too high")
     else:
-      lines.append(f"  XLA step time     {self.seconds:7.2f} s (the task reports no model FLOPs: "
-                   "no MFU)")
+      lines.append(f"  XLA step time     {_seconds(self.seconds)} (the task reports no model "
+                   "FLOPs: no MFU)")
     if self.loops:
       lines.append(f"  note: {self.loops} while loops remain in the costed program, each body "
                    "counted once (the image encoder's layer scan, a task's own scans)")
@@ -144,7 +149,13 @@ class StepTimeEstimate:
                    f"linearly to {self.num_layers}"
                    + (f", one microbatch x {self.microbatches}" if self.microbatches > 1 else "")
                    + ")")
+    elif self.microbatches > 1:
+      lines.append(f"  (one microbatch compiled, x {self.microbatches})")
     return lines
+
+
+def _seconds(seconds: float) -> str:
+  return f"{seconds:7.2f} s" if seconds >= 0.1 else f"{seconds * 1e3:7.2f} ms"
 
 
 def chip(topology: str) -> Chip:
@@ -210,32 +221,45 @@ def compile_train_step(cfg: RunConfig, topology: str, num_slices: int = 1
       mesh={k: int(v) for k, v in run.mesh.shape.items()},
       bytes_per_chip=int(used),
       hbm_per_chip=chip(topology).hbm_bytes,
-      analytic_bytes_per_chip=flops_lib.train_memory_estimate(cfg, micro, len(devices)).total,
+      analytic_bytes_per_chip=run.task.analytic_bytes(micro, len(devices)),
       xla_flops=_cost(compiled)[0],
       step_flops=run.task.flops_per_step(),
       tokens_per_step=run.task.items_per_step(),
   ), compiled
 
 
+def _one_microbatch(cfg: RunConfig) -> RunConfig:
+  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro,
+                                                            grad_accum_steps=1))
+
+
 def _at_depth(cfg: RunConfig, num_layers: int) -> RunConfig:
   """One microbatch of cfg's step, its layers unrolled, at another depth."""
-  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+  cfg = _one_microbatch(cfg)
   return dataclasses.replace(
-      cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers, scan_layers=False),
-      train=dataclasses.replace(cfg.train, batch_size=micro, grad_accum_steps=1))
+      cfg, model=dataclasses.replace(cfg.model, num_layers=num_layers, scan_layers=False))
 
 
 def estimate_step_time(cfg: RunConfig, topology: str, num_slices: int = 1,
                        depths: tuple[int, int] = (1, 2)) -> StepTimeEstimate:
-  """XLA's estimated step time; a scanned model is compiled unrolled at two depths and the
-  figures extrapolated linearly to model.num_layers (a scanned layer is counted once), with
-  collective matmuls off (COSTED_OPTIONS)."""
+  """XLA's estimated step time, with collective matmuls off (COSTED_OPTIONS); the scanned
+  Step1 layers of an LM task are compiled unrolled at two depths and the figures extrapolated
+  linearly to model.num_layers (a scanned layer is counted once); other tasks' steps are
+  costed as configured."""
   devices = tpu_devices(topology, num_slices)
   n_layers, accum = cfg.model.num_layers, cfg.train.grad_accum_steps
-  if not cfg.model.scan_layers and accum == 1:
+  layered = task_class(cfg.task).scans_step1_layers
+  if not layered:
+    n_layers = 0
+  if not (layered and cfg.model.scan_layers) and accum == 1:
     run, compiled = _compile(cfg, devices, COSTED_OPTIONS)
     flops, seconds, loops = _cost(compiled)
     used = None
+  elif not layered:  # one microbatch as configured, times their number
+    flops, seconds, loops = _cost(_compile(_one_microbatch(cfg), devices, COSTED_OPTIONS)[1])
+    flops, seconds, used = accum * flops, accum * seconds, None
+    run = setup(cfg, devices)
   else:
     lo, hi = depths
     if not 0 < lo < hi:
