@@ -236,3 +236,16 @@ def test_image_shares_without_vision_are_refused_at_load():
   no_image = "data.stages=[{audio: 2, text: 1, image: 0, continuation: 1}]"
   assert not load_config("configs/corpus.yaml", ["vision.enabled=false", no_image]).vision.enabled
   assert load_config("configs/reward/corpus.yaml").reward.stages
+
+
+@pytest.mark.parametrize("path", ["configs/sft/corpus_aqta.yaml", "configs/reward/corpus.yaml",
+                                  "configs/speech/tts_lm_tiny.yaml"])
+def test_a_runs_own_config_loads_back_when_epochs_decide_its_length(tmp_path, path):
+  """The resolved config holds train.steps beside the keys that decide the length; it is the
+  run's record (resume, export and PPO's policy_from read it), not a setting to refuse."""
+  cfg = load_config(path)
+  out = str(tmp_path / "config.yaml")
+  dump_config(cfg, out)
+  assert load_config(out) == cfg
+  with pytest.raises(ConfigError, match="train.steps=7 .*would be ignored"):
+    load_config(out, ["train.steps=7"])

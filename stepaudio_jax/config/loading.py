@@ -25,6 +25,9 @@ from stepaudio_jax.config.training import TrainConfig
 
 BASE_KEY = "base"
 TASK_KEY = "task"
+# Marks a file dump_config wrote: it holds every key, so a train.steps beside train.epochs
+# there is the run's record, not a setting someone made.
+RESOLVED_KEY = "resolved"
 SECTIONS = "sections"  # RunConfig's field of task sections: they sit at the top level in YAML
 
 
@@ -184,6 +187,7 @@ def load(
   check that the mesh fits them. Callers use tasks.registry.load_config, which passes the
   registry as `catalog`."""
   layers = _layers(path)
+  resolved = {source for source, _, data in layers if data.pop(RESOLVED_KEY, False)}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"command line: override {item!r} must look like section.key=value")
@@ -222,7 +226,7 @@ def load(
     spec.check_config(cfg)
   except ValueError as e:
     raise ConfigError(_explain("", e, provenance)) from e
-  _check_length(cfg, spec, provenance, [source for source, _, _ in layers])
+  _check_length(cfg, spec, provenance, [source for source, _, _ in layers], resolved)
   if num_devices is not None:
     try:
       cfg.mesh.shape(num_devices)
@@ -236,10 +240,11 @@ def load(
 
 
 def _check_length(cfg: RunConfig, spec: TaskSpec, provenance: dict[str, str],
-                  order: list[str]) -> None:
+                  order: list[str], resolved: set[str]) -> None:
   """Exactly one setting decides the run's length (Task.length_keys): train.epochs where the
   task reads no epochs, or a train.steps set (to a non-default value) in the layer of those
-  keys or after it, would be ignored, so it is refused, naming the keys and where they came."""
+  keys or after it, would be ignored, so it is refused, naming the keys and where they came.
+  A resolved config (dump_config's) records both and is not checked for train.steps."""
   keys = spec.length_keys(cfg)
   where = lambda key: provenance.get(key, "defaults")  # noqa: E731
   label = lambda key: f"{key}={cfg.train.epochs:g}" if key == "train.epochs" else key  # noqa: E731
@@ -253,7 +258,8 @@ def _check_length(cfg: RunConfig, spec: TaskSpec, provenance: dict[str, str],
   rank = {source: i for i, source in enumerate(order)}
   steps_at = rank.get(provenance.get("train.steps"), -1)
   keys_at = max((rank.get(provenance.get(k), -1) for k in keys), default=len(order))
-  if cfg.train.steps != TrainConfig.steps and steps_at >= keys_at:
+  if (cfg.train.steps != TrainConfig.steps and steps_at >= keys_at
+      and provenance.get("train.steps") not in resolved):
     fix = ", or set train.epochs=0 to train train.steps steps" if "train.epochs" in keys else ""
     raise ConfigError(f"invalid config: train.steps={cfg.train.steps} (set in "
                       f"{where('train.steps')}) would be ignored: {decide} "
@@ -294,4 +300,4 @@ def _explain(section: str, e: Exception, provenance: dict[str, str]) -> str:
 def dump_config(cfg: RunConfig, path: str) -> None:
   """Write the resolved config; it loads back as it was."""
   with open(path, "w") as f:
-    yaml.safe_dump(_structured(cfg), f, sort_keys=False)
+    yaml.safe_dump({RESOLVED_KEY: True, **_structured(cfg)}, f, sort_keys=False)
