@@ -39,7 +39,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) runs *.egg-info
 
-# The speech decoder at toy size on the corpus (issue 13; about an hour on 2 busy cores):
+# The speech decoder at toy size on the corpus (about an hour on 2 busy cores):
 # paired audio, flow and vocoder training, a TTS LM, the held-out evidence, one synthesis.
 .PHONY: speech
 speech: $(STAMP)

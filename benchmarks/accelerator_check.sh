@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a lent GPU (or a TPU VM), as one run of under 10 minutes (issue 12,
-# item 7): the Pallas kernels compiled for the device (not interpreted) against the XLA
-# reference, forward, backward and decode; then the attention and decode benchmarks.
+# Everything that needs a lent GPU (or a TPU VM), as one run of under 10 minutes: the Pallas
+# kernels compiled for the device (not interpreted) against the XLA reference, forward,
+# backward and decode; then the attention and decode benchmarks.
 #
 #   bash benchmarks/accelerator_check.sh [OUT_DIR]        # default runs/accelerator_check
 #

@@ -54,9 +54,9 @@ def test_cli_prints_memory_time_and_mfu(capsys):
 
 
 def test_a_task_without_an_lm_gets_no_lm_arithmetic(capsys):
-  """Before: the flow model's compile printed the LM's analytic estimate of the base config
-  (499.71 GiB) and "extrapolated linearly to 88 layers", Step1 arithmetic of a model it does
-  not have. Now the memory line has no analytic figure and the step is costed as configured."""
+  """The flow model's compile prints no LM arithmetic (the base config's analytic estimate, an
+  extrapolation to 88 layers) for a model it does not have: the memory line has no analytic
+  figure and the step is costed as configured."""
   assert cli.main(["compile", "configs/speech/flow_tiny.yaml", "--topology", "v5p:2x2x1"]) == 0
   out = capsys.readouterr().out
   assert "GiB of 95 GiB: fits" in out and "XLA step time" in out, out

@@ -165,8 +165,8 @@ def test_a_task_section_is_read_as_an_attribute_and_dumped_at_the_top_level(tmp_
 
 
 def test_input_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
-  """Before: data paths in configs/corpus.yaml resolved against the working directory while
-  `base:` resolved against the file, so the corpus config only worked from the repo root."""
+  """Data paths in configs/corpus.yaml resolve against the file, as `base:` does, so the corpus
+  config works from any working directory."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.chdir(tmp_path)
   cfg = load_config(os.path.join(repo, "configs", "corpus.yaml"),
@@ -187,10 +187,9 @@ def test_a_missing_base_names_the_file_that_asked_for_it(tmp_path):
 
 
 def test_one_setting_decides_the_run_length(tmp_path):
-  """Before: train.steps=4 on an epoch-based run (SFT: train.epochs; reward: reward.stages'
-  epochs) was ignored without a word (59 and 8 steps ran), as was train.epochs on a task that
-  reads no epochs. Now the one that would be ignored is refused, naming both keys; a
-  train.steps inherited from a base below the epochs' layer is overridden, as before."""
+  """train.steps=4 on an epoch-based run (SFT: train.epochs; reward: reward.stages' epochs)
+  and train.epochs on a task that reads no epochs would be ignored, so they are refused, naming
+  both keys; a train.steps inherited from a base below the epochs' layer is overridden."""
   sft, reward = "configs/sft/corpus_aqta.yaml", "configs/reward/corpus.yaml"
   with pytest.raises(ConfigError, match=r"train.steps=4 \(set in command line\) would be "
                                         r"ignored: train.epochs=1 \(set in .*corpus_aqta.yaml\) "
@@ -221,14 +220,15 @@ def test_one_setting_decides_the_run_length(tmp_path):
     (["mesh.tensor=3"], r"model.num_heads=4 does not split over mesh.tensor=3"),
 ])
 def test_a_mesh_that_cannot_split_the_model_is_refused_at_load(overrides, needle):
-  """Before: only Step1's construction refused it, so a dry run (launch/submit.py) passed."""
+  """Refused when the config loads, so a dry run (launch/submit.py) refuses it too."""
   with pytest.raises(ConfigError, match=needle + r".*mesh.tensor set in command line"):
     load_config("configs/tiny.yaml", overrides)
 
 
 def test_image_shares_without_vision_are_refused_at_load():
-  """Before: configs/corpus.yaml vision.enabled=false stopped in the loader with a traceback
-  (exit 1). Tasks that read no data.stages (reward, PPO) keep the corpus stages unread."""
+  """configs/corpus.yaml vision.enabled=false is refused at load in one line, not in the
+  loader with a traceback. Tasks that read no data.stages (reward, PPO) keep the corpus stages
+  unread."""
   with pytest.raises(ConfigError, match=r"data.stages \[0, 1, 2\] give image_text a share but "
                                         r"vision.enabled=false: set image: 0 .*vision.enabled "
                                         r"set in command line"):

@@ -219,10 +219,9 @@ def test_malformed_records_are_named_or_skipped_and_counted(tmp_path):
 
 
 def test_a_shard_of_another_task_is_refused_by_name(tmp_path):
-  """Before: TTS records listed under data.shards.aqta trained as TTS (share_aqta 1.0, exit 0),
-  and preference pairs stopped with a traceback "unknown task 'preference'" naming no shard. Now
-  the first record of every shard must be of the task it is listed for; a later record of
-  another task is malformed (named, or skipped and counted)."""
+  """The first record of every shard must be of the task it is listed for (TTS records under
+  data.shards.aqta would train as TTS; preference pairs would stop with a traceback naming no
+  shard); a later record of another task is malformed (named, or skipped and counted)."""
   rng = np.random.default_rng(0)
   tts = str(tmp_path / "tts.arrayrecord")
   records.write_shard(tts, [random_example("tts", rng, LAYOUT) for _ in range(4)])

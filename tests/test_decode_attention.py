@@ -99,8 +99,8 @@ def test_kernel_matches_reference(backend, name):
 @pytest.mark.parametrize("backend", sorted(KERNELS))
 @pytest.mark.parametrize("name", ["step_mha_fp32", "prefill_rowblocks_fp32"])
 def test_kernel_index_arithmetic_keeps_its_dtype_under_x64(backend, name):
-  """Before: with jax_enable_x64 the block index lax.div(int32 length, Python int block) failed
-  (int32 vs int64)."""
+  """With jax_enable_x64 the block index lax.div(int32 length, Python int block) stays int32
+  (mixing int32 and int64 there fails)."""
   c = CASES[name]
   with jax.enable_x64(True):
     q, k, v, sides = _cache(c)

@@ -67,9 +67,9 @@ def _tmpfs(path, options: str):
 
 
 def test_divergence_never_leaves_a_poisoned_newest_checkpoint(tmp_path):
-  """Before: learning_rate=1e6 with a checkpoint every step stopped at step 5 with the NaN
-  states of steps 4 and 5 saved as the newest (with keep=1 no good one was left), and resuming
-  went straight back to NaN."""
+  """learning_rate=1e6 with a checkpoint every step and keep=1: the run stops at the NaN and
+  its newest checkpoint is the last finite step (saving the NaN states would leave no good one),
+  so resuming does not go straight back to NaN."""
   run = ["train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=20",
          "optimizer.learning_rate=1e6", "optimizer.warmup_steps=0", "checkpoint.every=1",
          "checkpoint.keep=1"]
@@ -111,8 +111,8 @@ def _flip_one_bit_silently(step_dir) -> str:
 
 
 def test_a_flipped_bit_in_checkpoint_data_is_refused(tmp_path):
-  """Before: one bit flipped in a data file restored without error and the run diverged
-  silently. Now every array carries a checksum, compared after every restore."""
+  """One bit flipped in a data file would restore without error and the run would diverge
+  silently; every array carries a checksum, compared after every restore."""
   cfg = load_config(TINY, [f"train.run_dir={tmp_path}", *FAST, "train.steps=2",
                            "checkpoint.every=2"])
   trainer.train(cfg, print_fn=lambda *a, **k: None)
@@ -125,8 +125,8 @@ def test_a_flipped_bit_in_checkpoint_data_is_refused(tmp_path):
 
 
 def test_a_refused_run_leaves_the_run_config_alone(tmp_path):
-  """Before: RUN_DIR/config.yaml was overwritten with the refused config, and export then
-  failed on shapes."""
+  """RUN_DIR/config.yaml stays the run's: overwritten with the refused config, it would make
+  export fail on shapes."""
   base = ["train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=1"]
   assert cli.main(base) == 0
   before = open(tmp_path / "config.yaml").read()
@@ -136,7 +136,8 @@ def test_a_refused_run_leaves_the_run_config_alone(tmp_path):
 
 
 def test_unwritable_checkpoint_directory_fails_at_once(tmp_path):
-  """Before: the save failed in a background thread and the process stayed up 300 s."""
+  """Refused at once, not by a save failing in a background thread while the process stays
+  up."""
   with _tmpfs(tmp_path / "checkpoints", "size=1m,ro"):
     proc, seconds = _cli("train", TINY, f"train.run_dir={tmp_path}", *FAST, "train.steps=4",
                          "checkpoint.every=2")
@@ -146,7 +147,7 @@ def test_unwritable_checkpoint_directory_fails_at_once(tmp_path):
 
 
 def test_disk_full_during_a_save_is_one_error_line(tmp_path):
-  """Before: 833 stderr lines with 63 tracebacks, the cause buried."""
+  """One error line naming the cause, not hundreds of stderr lines of tracebacks."""
   with _tmpfs(tmp_path / "full", "size=600k"):
     proc, _ = _cli("train", TINY, f"train.run_dir={tmp_path / 'full'}", *FAST, "train.steps=6",
                    "checkpoint.every=2")
@@ -159,7 +160,7 @@ def test_disk_full_during_a_save_is_one_error_line(tmp_path):
     ("data.source=grain", "matches no file"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, override, needle):
-  """Before: raw tracebacks with exit status 1."""
+  """One error line and exit status 2, not a raw traceback."""
   more = []
   if override == "data.source=grain":
     more = ["data.shards.text=[/nonexistent/*.array_record]",
@@ -201,9 +202,9 @@ def _worker(run_dir, port: int, pid: int, steps: int) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["both", "one"])
 def test_multi_process_preemption_saves_one_agreed_step(tmp_path, signalled):
-  """Before: SIGTERM to both processes of a 2-process job hung in 2 of 5 trials: each process
-  stopped at its own step and one waited in the final collective save for the other. Now the
-  step comes from JAX's preemption sync, whichever processes got the signal."""
+  """SIGTERM to one or both processes of a 2-process job: if each process stopped at its own
+  step, one would wait in the final collective save for the other; the step comes from JAX's
+  preemption sync, whichever processes got the signal."""
   port = portpicker.pick_unused_port()
   procs = [_worker(tmp_path, port, pid, 1000) for pid in (0, 1)]
   try:
@@ -299,8 +300,8 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_losses(tmp_path):
 
 
 def test_no_accelerator_runtime_noise_on_a_cpu_only_host(tmp_path):
-  """Before: with libtpu installed (the test extra), any command on a CPU-only host printed
-  `E0000 ... INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` errors unless JAX_PLATFORMS was set."""
+  """With libtpu installed (the test extra), a command on a CPU-only host prints no
+  `E0000 ... INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` errors, JAX_PLATFORMS set or not."""
   if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
     pytest.skip("this host has an accelerator")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

@@ -1,10 +1,9 @@
-"""No change in behaviour: the per-step metrics recorded before the training core became tasks
-over a generic step (tests/golden/record.py, run on the old code) come out again.
+"""The per-step metrics of 50 steps of configs/tiny.yaml (8 devices) and configs/corpus.yaml
+equal the goldens in tests/golden/ (written by tests/golden/record.py).
 
-They came out bit for bit until the projections became 2-D matmuls over flattened tokens
-(models/linear.project, for XLA:CPU's sake), which moves float32 rounding: the worst relative
-difference over the 50 steps is now 6.5e-7 (grad_norm). A changed batch, loss or optimizer
-moves them by orders of magnitude more than the tolerance."""
+They agree to float32 rounding: the worst relative difference over the 50 steps is 6.5e-7
+(grad_norm), tested at ROUNDING. A changed batch, loss or optimizer moves them by orders of
+magnitude more than the tolerance."""
 
 import json
 import os
@@ -18,10 +17,11 @@ from tests.conftest import REPO
 GOLDEN = os.path.join(REPO, "tests", "golden")
 
 
-# What has changed on purpose since the goldens were recorded, undone for the comparison:
-# configs/corpus.yaml ships 6 images per row so its image share is reachable (it had 1), and
-# from the first stage change on, segments carried over from the old stage count toward the
-# new stage's shares, which changes the corpus batches from step 41 (stage 2 starts at step 40).
+# The corpus goldens hold 1 image per row (configs/corpus.yaml ships 6, so that its image share
+# is reachable), and their batches count the segments carried over a stage change toward the
+# old stage (the loader counts them toward the new one), so they match from step 41 on only in
+# that count: the comparison runs with 1 image per row and stops at step 40, where stage 2
+# starts.
 ROUNDING = 1e-5  # relative; see the module docstring
 SINCE = {"corpus_50_steps.json": (["vision.max_images_per_sequence=1",
                                    "data.accept_share_shortfall=true"], 40)}

@@ -81,9 +81,9 @@ class _DeviceValue:
 
 
 def test_goodput_stays_within_0_and_1_on_a_toy_run(tmp_path):
-  """Before: the metrics hook's wait for the device (before it logs) counted in the next
-  interval too, so a long step followed by short ones showed goodput up to 300%: every
-  second of the wait was counted where it happened and again after the log line."""
+  """The metrics hook's wait for the device (before it logs) counts once: counted where it
+  happened and again after the log line, a long step followed by short ones would show goodput
+  up to 300%."""
   from stepaudio_jax.training.hooks import MetricsHook
   from stepaudio_jax.training.progress import Progress
 

@@ -92,7 +92,7 @@ def test_k8s_renders_a_jobset_per_slice_with_multislice_environment():
     (["k8s", "--name", "a", "--image", "i", "--type", "v5p-16", "--topology", "2x2x1", TINY],
      "has 4 chips, but v5p-16 has 8"),
     (["slurm", "--nodes", "2", TINY], "train.batch_size=8 does not divide"),
-    # Before: exit 0, though Step1 refuses 4 heads over 8 ways when the job starts.
+    # Refused here, not only when the job starts: Step1 cannot split 4 heads over 8 ways.
     (["tpu", "--name", "a", *ZONE, "--type", "v5p-16", TINY, "mesh.tensor=8"],
      "model.num_heads=4 does not split over mesh.tensor=8"),
 ])

@@ -276,8 +276,8 @@ def test_sft_takes_chat_records_from_shards_only():
      ("holds preference records", "task=reward", "ppo.prompts")),
 ])
 def test_sft_refuses_shards_of_another_task_in_one_line(tmp_path, capsys, shards, needles):
-  """Before: AQTA SFT on TTS shards trained as TTS and exited 0; on preference shards it
-  stopped with a traceback "unknown task 'preference'" naming no shard."""
+  """AQTA SFT on TTS shards or on preference shards is refused in one line naming the shard
+  (it would train as TTS, or stop with a traceback naming no shard)."""
   from stepaudio_jax import cli
 
   corpus = os.path.join(REPO, "data_pipelines", "corpus")
@@ -292,9 +292,9 @@ def test_sft_refuses_shards_of_another_task_in_one_line(tmp_path, capsys, shards
 
 
 def test_tied_and_overlong_pairs_are_counted_and_warned_about_once(tmp_path, caplog):
-  """Before: a pair longer than train.seq_len lost its prompt with no metric or warning, and a
-  pair whose chosen answer equals its rejected one trained at loss ln 2 (accuracy 0) unnoticed.
-  Now ties are left out and counted, cut pairs are counted as drawn, each warned about once."""
+  """A pair longer than train.seq_len loses its prompt's beginning and a pair whose chosen
+  answer equals its rejected one would train at loss ln 2 (accuracy 0): ties are left out and
+  counted, cut pairs are counted as drawn, each warned about once."""
   empty = [np.zeros(0, np.int32)] * 3
   ids = lambda *a: np.asarray(a, np.int32)  # noqa: E731
   short = [Example(PREFERENCE, [ids(20, 21), ids(30 + i), ids(40 + i)], empty, empty, None, {})
@@ -335,8 +335,9 @@ def test_tied_and_overlong_pairs_are_counted_and_warned_about_once(tmp_path, cap
 
 
 def test_errors_name_the_post_training_key_that_was_set(tmp_path):
-  """Before: a ppo.reward_from run without checkpoints was reported as checkpoint.init_from, and
-  a ppo.prompts (or reward.stages) glob that matched nothing as data.shards."""
+  """A ppo.reward_from run without checkpoints is reported as ppo.reward_from (not
+  checkpoint.init_from), and a ppo.prompts (or reward.stages) glob that matches nothing as
+  that key (not data.shards)."""
   from stepaudio_jax.data.records import ShardError
   from stepaudio_jax.training.checkpoint import CheckpointError, restore_deliverable
 

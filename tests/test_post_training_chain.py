@@ -1,4 +1,4 @@
-"""The post-training chain on the committed corpus, as `make post-train` runs it but shortened:
+"""The post-training chain on the committed corpus, as `make demo` runs it but shortened:
 pretraining, TTS SFT, AQTA SFT, the two-stage reward model from the SFT model, and PPO from the
 SFT policy and the reward model; every phase through `stepaudio train` and its corpus config.
 Then what the chain delivers leaves it: the PPO policy and the reward model exported, loaded in

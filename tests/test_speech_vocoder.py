@@ -80,8 +80,8 @@ def test_mel_loss_falls_on_the_committed_pairs(tmp_path):
     (1000, ("vocoder.segment=1000 must be a multiple of mel.hop=256, e.g. 1024",)),
 ])
 def test_a_segment_the_data_cannot_fill_is_one_error_line(tmp_path, capsys, segment, needles):
-  """Before: vocoder.segment=65536 against utterances of at most 23,814 samples trained on rows
-  of >= 64% zero padding and exited 0."""
+  """vocoder.segment=65536 against utterances of at most 23,814 samples is refused in one line
+  (it would train on rows of >= 64% zero padding)."""
   from stepaudio_jax import cli
 
   code = cli.main(["train", VOCODER, *SMALL, f"vocoder.segment={segment}",

@@ -1,4 +1,4 @@
-"""Does the trained speech decoder say the held-out codes? Numbers and plots for the README.
+"""Does the trained speech decoder say the held-out codes? Numbers and plots for docs/speech_decoder.md.
 
 For each held-out utterance (codes + its real wave): synthesise codes -> flow -> vocoder, then
   - re-tokenise the synthetic wave with the corpus tokenizer (16 kHz front end, its features

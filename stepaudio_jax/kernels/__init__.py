@@ -31,7 +31,7 @@ IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "auto")
 DEFAULT_BLOCKS = {"tpu": BlockSizes(512, 512), "gpu": BlockSizes(64, 64),
                   "cpu": BlockSizes(128, 128)}
 # Query rows per block of the xla path, which skips the causal key blocks past each query
-# block. On CPU 128 rows beat 256 and 64 (README, "Where the CPU step's time goes").
+# block. On CPU 128 rows beat 256 and 64 (docs/benchmarks.md).
 XLA_QUERY_BLOCKS = {"tpu": 256, "gpu": 256, "cpu": 128}
 
 __all__ = ["BIASES", "IMPLEMENTATIONS", "BlockSizes", "attention", "resolve"]

@@ -4,8 +4,8 @@ Grid (row block, batch, kv head): a program holds one row block of the G*T query
 kv head (decode_layout.py) and loops over the key blocks of the filled slots only, reading each
 once for all its rows; the cache stays in the model's [B, S, K, H] layout (the kv-head axis is
 squeezed by the block spec). One program per (batch, kv head) leaves SMs idle when B*K is
-small: splitting the keys across programs (flash-decoding) is the next step once it has run
-on a GPU. On CPU the same kernel runs with interpret=True (tests).
+small; splitting the keys across programs (flash-decoding) is not done. On CPU the same
+kernel runs with interpret=True (tests).
 """
 
 import dataclasses

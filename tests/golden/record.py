@@ -1,7 +1,6 @@
-"""Write the golden per-step metrics the refactor must reproduce bit for bit.
+"""Write the golden per-step metrics that tests/test_golden.py compares with.
 
-Run once on the code the goldens pin (it was run on main at dc4cb41, before the training core
-became tasks over a generic step):
+The goldens here were written at commit dc4cb41 by:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
       python tests/golden/record.py
 """
