@@ -59,7 +59,8 @@ def _recipe_130b(*overrides: str):
   positions) instead of 1.2T and 800B tokens; the stage weights are the shipped ones."""
   cfg = load_config(os.path.join(REPO, "configs", "model", "step1-130b.yaml"), [
       "train.batch_size=4", f"data.tokenizer_model={CORPUS}/spm_unigram.model", *overrides])
-  stages = load_config(os.path.join(REPO, "configs", "data", "pretrain_stages.yaml")).data.stages
+  stages = load_config(os.path.join(REPO, "configs", "data", "pretrain_stages.yaml"),
+                       ["vision.enabled=true"]).data.stages
   data = dataclasses.replace(
       cfg.data, source="grain", shards={t: g for t, g in SHARDS.items() if t != "aqta"},
       stages=[dataclasses.replace(s, tokens=20 * 4 * 4096 if s.tokens else 0) for s in stages])
