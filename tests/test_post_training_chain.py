@@ -69,8 +69,7 @@ def _check_exports(tmp_path, runs, cfg, capsys):
 
   # export -> import -> export: the same tensors, bit for bit.
   imported = str(tmp_path / "imported")
-  assert cli.main(["import", hf["ppo"], imported, "--config", cfg("corpus.yaml"),
-                   "vision.enabled=false"]) == 0
+  assert cli.main(["import", hf["ppo"], imported, "--config", cfg("corpus.yaml")]) == 0
   assert cli.main(["export", imported, hf["again"], "--dtype", "float32"]) == 0
   assert _tensors(hf["again"]) == ppo
   # A config that puts the audio ids elsewhere is refused, not silently reshaped.
