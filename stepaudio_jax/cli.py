@@ -333,12 +333,14 @@ def main(argv=None) -> int:
   from stepaudio_jax.export.orbax_reader import ExportError
   from stepaudio_jax.inference.speech import SynthesisError
   from stepaudio_jax.training.checkpoint import CheckpointError
+  from stepaudio_jax.training.run_lock import RunDirLocked
 
   # Expected failures: bad input or a broken environment, each explained by its message (the
   # thing and the fix); anything else is a bug and keeps its traceback. FloatingPointError is
   # a diverged run (hooks.check_finite); OSError an I/O failure such as a read-only directory.
   expected = (ConfigError, CheckpointError, ExportError, LaunchError, RecordError, ShardError,
-              LoaderStateError, ReportError, SynthesisError, FloatingPointError, OSError)
+              LoaderStateError, ReportError, SynthesisError, RunDirLocked, FloatingPointError,
+              OSError)
   try:
     if args.command in DISTRIBUTED_COMMANDS:  # before anything asks JAX for devices
       initialize_distributed({k: getattr(args, k) for k in LAUNCH_FLAGS})

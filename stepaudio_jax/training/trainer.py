@@ -4,6 +4,10 @@ The hooks are the built-in ones (builtin_hooks: hang watchdog, metrics and progr
 checkpoints, eval), then the caller's (`train(cfg, hooks=[loop.Every(100, fn)])`), in that
 order after every step: a caller's hook at a save or eval step runs after that save and eval.
 
+One run per run directory: the whole run, from before its data is opened to after the final
+checkpoint, holds RUN_DIR's lock (run_lock.py); a second trainer on the same directory is
+refused naming the first one's pid and host, and a killed run's lock is taken over.
+
 Resume order: the newest complete checkpoint in RUN_DIR/checkpoints restores the step, every
 model's parameters and frozen parameters, the optimizer states, the RNG and the data source's
 position onto the current mesh; without one the state is initialised from the seed (and, with
@@ -30,6 +34,7 @@ from stepaudio_jax.training.checkpoint import (
 from stepaudio_jax.training.goodput import STACKS_FILE, HangWatchdog, StepTimes
 from stepaudio_jax.training.hooks import CheckpointHook, EvalHook, MetricsHook
 from stepaudio_jax.training.progress import Progress, device_peak_flops
+from stepaudio_jax.training.run_lock import hold_run_dir
 from stepaudio_jax.training.setup import Setup, TaskFactory, setup
 from stepaudio_jax.training.state import TrainState
 
@@ -129,15 +134,22 @@ def builtin_hooks(run: Setup, ckpt: Checkpointer, source: BatchSource,
 def train(cfg: RunConfig, print_fn=print, task: TaskFactory | None = None,
           hooks: Sequence[loop.Hook] = ()) -> list[dict]:
   """Run training per `cfg` (its `task:`, or `task` if given), with `hooks` after the built-in
-  ones; returns the per-step metrics."""
-  tc = cfg.train
-  run = setup(cfg, task=task)
+  ones, holding the run directory's lock throughout; returns the per-step metrics."""
   lead = jax.process_index() == 0
 
   def say(text: str) -> None:
     if lead:
       print_fn(text, flush=True)
 
+  with hold_run_dir(cfg.train.run_dir, say):
+    return _train(cfg, say, print_fn, task, hooks)
+
+
+def _train(cfg: RunConfig, say, print_fn, task: TaskFactory | None,
+           hooks: Sequence[loop.Hook]) -> list[dict]:
+  tc = cfg.train
+  run = setup(cfg, task=task)
+  lead = jax.process_index() == 0
   source = run.task.make_source(Split.TRAIN)
   eval_source = run.task.make_source(Split.EVAL) if tc.eval_every else None
   ckpt = Checkpointer(tc.run_dir, cfg.checkpoint)
