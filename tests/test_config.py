@@ -225,17 +225,20 @@ def test_a_mesh_that_cannot_split_the_model_is_refused_at_load(overrides, needle
     load_config("configs/tiny.yaml", overrides)
 
 
-def test_image_shares_without_vision_are_refused_at_load():
-  """configs/corpus.yaml vision.enabled=false is refused at load in one line, not in the
-  loader with a traceback. Tasks that read no data.stages (reward, PPO) keep the corpus stages
-  unread."""
-  with pytest.raises(ConfigError, match=r"data.stages \[0, 1, 2\] give image_text a share but "
-                                        r"vision.enabled=false: set image: 0 .*vision.enabled "
-                                        r"set in command line"):
-    load_config("configs/corpus.yaml", ["vision.enabled=false"])
-  no_image = "data.stages=[{audio: 2, text: 1, image: 0, continuation: 1}]"
-  assert not load_config("configs/corpus.yaml", ["vision.enabled=false", no_image]).vision.enabled
-  assert load_config("configs/reward/corpus.yaml").reward.stages
+def test_image_shares_without_vision_stop_training_in_one_line(tmp_path, capsys):
+  """configs/corpus.yaml vision.enabled=false stops training before a step in one error line
+  (exit 2), not with a traceback; the config still loads for what reads no data (compile,
+  import), and without image shares it trains."""
+  from stepaudio_jax import cli
+
+  assert not load_config("configs/corpus.yaml", ["vision.enabled=false"]).vision.enabled
+  code = cli.main(["train", "configs/corpus.yaml", "vision.enabled=false",
+                   f"train.run_dir={tmp_path}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err, err
+  (line,) = [ln for ln in err.splitlines() if ln.startswith("stepaudio train: error:")]
+  assert ("data.stages [0, 1, 2] give image_text a share but vision.enabled=false: set image: 0"
+          in line), line
 
 
 @pytest.mark.parametrize("path", ["configs/sft/corpus_aqta.yaml", "configs/reward/corpus.yaml",

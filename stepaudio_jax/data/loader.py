@@ -29,6 +29,7 @@ import grain
 import jax
 import numpy as np
 
+from stepaudio_jax.config import ConfigError
 from stepaudio_jax.config.data import TASKS, DataConfig
 from stepaudio_jax.config.model import TokenLayout, VisionConfig
 from stepaudio_jax.data.mixture import (
@@ -298,8 +299,12 @@ class GrainLoader(BatchSource):
                held_out: bool = False):
     rows = process_rows(global_batch)
     schedule = StageSchedule(data.stages, global_batch * seq_len)
-    if not vision.enabled and any(w["image_text"] > 0 for w in schedule.weights):
-      raise ValueError("data.stages give image a share but vision.enabled=false; set image: 0")
+    imaged = [i for i, w in enumerate(schedule.weights) if w["image_text"] > 0]
+    if imaged and not vision.enabled:  # here, not at load: compile and import read no data
+      raise ConfigError(
+          f"data.stages {imaged} give image_text a share but vision.enabled=false: set image: 0 "
+          "in those stages (data.stages=[...] on the command line, or a config of your own) or "
+          "keep vision.enabled=true")
     ctx = template_context(data, layout, vision)
     live = sorted({t for w in schedule.weights for t, v in w.items() if v > 0}, key=TASKS.index)
     shards = data.eval_shards if held_out else data.shards

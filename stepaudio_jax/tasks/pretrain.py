@@ -49,12 +49,6 @@ class PretrainTask(Task):
   @classmethod
   def check_config(cls, cfg):
     check_lm_config(cfg)
-    imaged = [i for i, st in enumerate(cfg.data.stages) if st.task_weights()["image_text"] > 0]
-    if cfg.data.source == DataSource.GRAIN and imaged and not cfg.vision.enabled:
-      raise ValueError(
-          f"data.stages {imaged} give image_text a share but vision.enabled=false: set image: 0 "
-          "in those stages (data.stages=[...] on the command line, or a config of your own) or "
-          "keep vision.enabled=true")
 
   def models(self) -> dict[str, Model]:
     cfg = self.cfg
