@@ -93,9 +93,9 @@ def test_aqta_records_that_break_the_turn_layout_are_rejected(chunks, match):
   audio = [a for _, a in chunks]
   with pytest.raises(records.RecordError, match=match):
     records.validate(records.Example("aqta", text, audio, audio), LAYOUT)
-  legacy = records.Example("audio_text_interleaved", text, audio, audio, None, {"kind": "aqta"})
+  tagged = records.Example("audio_text_interleaved", text, audio, audio, None, {"kind": "aqta"})
   with pytest.raises(records.RecordError, match=match):
-    records.validate(legacy, LAYOUT)
+    records.validate(tagged, LAYOUT)
   with pytest.raises(records.RecordError, match="tts has one chunk"):
     records.validate(records.Example("tts", text[:1] * 3, audio[:1] * 3, audio[:1] * 3), LAYOUT)
 

@@ -1,6 +1,5 @@
 """Fault injection on the training side: divergence, silent checkpoint corruption, unwritable
-and full disks, refused runs, second signals, stuck shutdowns and multi-process preemption.
-Every case here failed on the trainer before these fixes (see each docstring)."""
+and full disks, refused runs, second signals, stuck shutdowns and multi-process preemption."""
 
 import contextlib
 import glob
@@ -321,9 +320,8 @@ def test_a_dead_peer_ends_the_job_in_bounded_time(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_losses(tmp_path):
-  """Already survived before these fixes; kept so it stays so: SIGKILL during a run that
-  checkpoints every step (so likely mid-save), then a resume, ends with the per-step losses of
-  an uninterrupted run."""
+  """SIGKILL during a run that checkpoints every step (so likely mid-save), then a resume, ends
+  with the per-step losses of an uninterrupted run."""
   args = ["train", TINY, *FAST, "train.steps=12", "checkpoint.every=1", "checkpoint.keep=2",
           "optimizer.decay_steps=8"]
   full, _ = _cli(*args, f"train.run_dir={tmp_path / 'full'}")

@@ -28,7 +28,7 @@ SINCE = {"corpus_50_steps.json": (["vision.max_images_per_sequence=1",
 
 
 @pytest.mark.parametrize("name", ["tiny_50_steps.json", "corpus_50_steps.json"])
-def test_metrics_equal_the_pre_refactor_run(name, tmp_path):
+def test_metrics_equal_the_recorded_run(name, tmp_path):
   with open(os.path.join(GOLDEN, name)) as f:
     golden = json.load(f)
   undo, steps = SINCE.get(name, ([], len(golden["steps"])))

@@ -121,6 +121,77 @@ variants:
   assert logged[-1] == 120 and killed_at in range(10, 120)
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_stops_it_saved_and_it_resumes_where_it_stopped(tmp_path):
+  """Variant a finishes; SIGTERM to the sweep alone during variant b reaches b, which saves
+  the step it is at and exits; the sweep stops within a bound (a multiple of b's measured
+  start-up) with 128 + SIGTERM, starting nothing after b. The rerun skips a (its metrics
+  untouched) and resumes b from that step with exactly the metrics of an uninterrupted b."""
+  from tests.test_faults_phases import _measured
+
+  runs = tmp_path / "runs"
+  spec = _spec(tmp_path, f"""
+base: TINY
+runs_dir: {runs}
+overrides: {{train.seq_len: 64, train.log_every: 1, train.eval_every: 0, checkpoint.every: 1000,
+            train.peak_flops_per_device: 1.0e+12}}
+variants:
+  - {{name: a, overrides: {{train.steps: 3}}}}
+  - {{name: b, overrides: {{train.steps: 60}}}}
+  - {{name: c, overrides: {{train.steps: 3}}}}
+""")
+  cmd = [sys.executable, "-m", "stepaudio_jax.cli", "sweep", spec]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  log = tmp_path / "sweep.log"
+  with open(log, "w") as out:
+    sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+  b_metrics = runs / "b" / "metrics.jsonl"
+  try:
+    start = time.monotonic()
+    while not os.path.exists(runs / "a" / "done.json"):
+      assert sweep.poll() is None and time.monotonic() < start + 300, log.read_text()[-3000:]
+      time.sleep(0.05)
+    start = time.monotonic()
+    while not (b_metrics.exists() and len(_measured(runs / "b")) >= 2):
+      assert sweep.poll() is None and time.monotonic() < start + 300, log.read_text()[-3000:]
+      time.sleep(0.02)
+    startup = time.monotonic() - start
+    sweep.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    sweep.wait(timeout=max(120, 4 * startup))
+    seconds = time.monotonic() - stopped
+  finally:
+    if sweep.poll() is None:
+      os.killpg(sweep.pid, signal.SIGKILL)
+      sweep.wait()
+  text = log.read_text()
+  assert sweep.returncode == 128 + signal.SIGTERM, text[-3000:]
+  assert seconds < max(60, 2 * startup), (seconds, startup)
+  assert "sweep stopped by a signal during b; run it again to resume" in text, text[-3000:]
+  assert "preempted (SIGTERM): saved step " in text, text[-3000:]
+  saved = int(text.split("preempted (SIGTERM): saved step ")[1].split()[0])
+  assert _newest_checkpoint(str(runs / "b")) == saved and 2 <= saved < 60, (saved, text[-2000:])
+  assert not os.path.exists(runs / "b" / "done.json") and not os.path.exists(runs / "c")
+  a_metrics = (runs / "a" / "metrics.jsonl").read_text()
+  logged = os.path.getsize(b_metrics)
+
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert "[1/3] a: finished" in again.stdout and "[2/3] b: resumes" in again.stdout
+  assert f"resumed from {runs / 'b' / 'checkpoints'} at step {saved}" in again.stdout
+  assert (runs / "a" / "metrics.jsonl").read_text() == a_metrics
+  b = load_spec(spec)[1]
+  full = subprocess.run([*command(b)[:-1], f"train.run_dir={tmp_path / 'full'}"], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+  want, got = _measured(tmp_path / "full"), _measured(runs / "b", logged)
+  assert sorted(got) == list(range(saved + 1, 61)), sorted(got)
+  for step, metrics in got.items():  # one machine, one program: equal to the bit
+    assert metrics == want[step], step
+  assert os.path.exists(runs / "c" / "done.json")
+
+
 @pytest.mark.parametrize("spec", sorted(glob.glob(os.path.join(REPO, "configs", "ablations",
                                                                 "*.sweep.yaml"))))
 def test_shipped_specs_load(spec):
