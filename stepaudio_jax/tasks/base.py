@@ -102,7 +102,7 @@ class Deliverable:
 
   `kind` says how it is read and exported: "step1" (a Step1 LM), "reward" (the Step1 backbone
   with a scalar head: a reward model or a critic), "flow" (codes -> mel), "vocoder" (mel ->
-  waveform).
+  waveform), "phone_encoder" (mel -> 60 ms states for a k-means tokenizer).
   """
 
   group: str

@@ -20,6 +20,7 @@ _TASKS: dict[str, str | type[Task]] = {
     "ppo": "stepaudio_jax.tasks.ppo:PPOTask",  # PPO with a critic against the reward model
     "flow": "stepaudio_jax.tasks.flow:FlowTask",  # codes -> mel, conditional flow matching
     "vocoder": "stepaudio_jax.tasks.vocoder:VocoderTask",  # mel -> waveform, HiFi-GAN
+    "phone_ctc": "stepaudio_jax.tasks.phone_ctc:PhoneCTCTask",  # speech encoder, CTC on phones
 }
 
 
