@@ -17,7 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline on the committed corpus (pretraining, SFT, reward model, PPO, export with
-# the PyTorch check, generation, flow + vocoder, one WAV, a report), ~6 min on 2 cores;
+# the PyTorch check, generation, flow + vocoder, one WAV, a short ASR run with its held-out CER
+# and one clip transcribed, a report), ~8 min on 2 cores;
 # demo-fast: ~1 min, synthetic.
 demo: $(STAMP)
 	$(CPU_ONLY) $(BIN)/python -m stepaudio_jax.experiments.demo --out runs/demo

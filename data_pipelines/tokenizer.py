@@ -7,6 +7,7 @@ class with these four members and pass `--tokenizer my_module:make_tokenizer`.
 """
 
 import importlib
+import os
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,17 +31,55 @@ class AudioTokenizer(Protocol):
     ...
 
 
+# A tokenizer file's `kind` (its safetensors metadata) -> "module:Class" whose `load(path)` reads
+# it; a file without a kind is a k-means one (the committed corpus's audio_tokenizer.safetensors).
+FILE_KINDS = {
+    "kmeans": "data_pipelines.kmeans_tokenizer:KMeansDualTokenizer",
+}
+DEFAULT_FILE_KIND = "kmeans"
+
+
 def load_tokenizer(spec: str) -> AudioTokenizer:
   """Build a tokenizer from a spec string, resolvable on any Beam worker.
 
+  A path to a `.safetensors` file loads it by the `kind` entry of its metadata (FILE_KINDS);
   "kmeans:PATH" loads the built-in codebooks from a safetensors file; "module:function" calls
   `function()` from an importable module (how external tokenizers plug in).
   """
-  kind, _, arg = spec.partition(":")
-  if kind == "kmeans":
-    from data_pipelines.kmeans_tokenizer import KMeansDualTokenizer
-    return KMeansDualTokenizer.load(arg)
-  tok = getattr(importlib.import_module(kind), arg)()
+  if spec.startswith("kmeans:"):
+    return _load_file(spec.partition(":")[2], "kmeans")
+  if spec.endswith(".safetensors"):
+    return _load_file(spec, None)
+  module, _, function = spec.partition(":")
+  if not module or not function:
+    raise ValueError(f"audio tokenizer {spec!r} is neither a .safetensors file, kmeans:PATH nor "
+                     "module:function")
+  tok = getattr(importlib.import_module(module), function)()
   if not isinstance(tok, AudioTokenizer):
     raise TypeError(f"{spec} returned {type(tok).__name__}, which is not an AudioTokenizer")
   return tok
+
+
+def file_kind(path: str) -> str:
+  """The `kind` a tokenizer file's safetensors metadata names (DEFAULT_FILE_KIND without one)."""
+  from safetensors import safe_open
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"audio tokenizer file {path} does not exist")
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = f.metadata() or {}
+  except Exception as e:  # safetensors raises its own error type for a file it cannot parse
+    raise ValueError(f"audio tokenizer file {path} is not a safetensors file ({e})") from None
+  return meta.get("kind", DEFAULT_FILE_KIND)
+
+
+def _load_file(path: str, kind: str | None) -> AudioTokenizer:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"audio tokenizer file {path} does not exist")
+  kind = kind or file_kind(path)
+  if kind not in FILE_KINDS:
+    raise ValueError(f"audio tokenizer file {path} is of kind {kind!r}; known kinds: "
+                     f"{sorted(FILE_KINDS)}")
+  module, _, cls = FILE_KINDS[kind].partition(":")
+  return getattr(importlib.import_module(module), cls).load(path)

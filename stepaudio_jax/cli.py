@@ -1,5 +1,6 @@
 """`stepaudio` command line: train, print a resolved config, compile ahead of time for a TPU
-slice, export/import Hugging Face models, sample from a checkpoint."""
+slice, export/import Hugging Face models, sample from a checkpoint, synthesize and transcribe
+speech."""
 
 import argparse
 import logging
@@ -284,6 +285,31 @@ def _add_synthesize_command(sub) -> None:
   p.set_defaults(fn=_synthesize)
 
 
+def _transcribe(args) -> int:
+  import json
+
+  from stepaudio_jax.experiments.transcribe import transcribe
+
+  got = transcribe(args.run_dir, args.audio, args.max_new_tokens)
+  for t in got:
+    print(f"{t.audio}: {t.text}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump([{"audio": t.audio, "text": t.text} for t in got], f, ensure_ascii=False,
+                indent=1)
+  return 0
+
+
+def _add_transcribe_command(sub) -> None:
+  p = sub.add_parser("transcribe", help="WAV files -> the run's audio tokenizer -> its LM, "
+                                        "greedy -> one `AUDIO: TEXT` line each")
+  p.add_argument("run_dir", help="run directory (newest complete step) or a step directory")
+  p.add_argument("audio", nargs="+", help="WAV files (any sample rate, mono or stereo)")
+  p.add_argument("--out", default="", help="also write [{audio, text}] to this .json")
+  p.add_argument("--max-new-tokens", type=int, default=96)
+  p.set_defaults(fn=_transcribe)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="stepaudio", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +339,7 @@ def main(argv=None) -> int:
   _add_generate_command(sub)
   _add_experiment_commands(sub)
   _add_synthesize_command(sub)
+  _add_transcribe_command(sub)
   for p in dict.fromkeys(sub.choices[name] for name in DISTRIBUTED_COMMANDS):  # aliases share one
     add_flags(p)
   args, extra = parser.parse_known_args(argv)

@@ -1,14 +1,15 @@
 """ASR CER of a run (experiments/asr.py): the prompt is the training format's prefix, the
-transcripts equal greedy decoding by repeated full forward passes, and the CER equals a plain
-Python edit distance over the clips."""
+transcripts equal greedy decoding by repeated full forward passes, the CER equals a plain
+Python edit distance over the clips, and the CER per language and voice is jiwer's per group."""
 
+import jiwer
 import numpy as np
 import pytest
 
 from stepaudio_jax.data.loader import RecordSource, resolve_shards
 from stepaudio_jax.data.records import decode_checked
 from stepaudio_jax.data.templates import asr_prompt, render, template_context
-from stepaudio_jax.experiments.asr import asr_cer
+from stepaudio_jax.experiments.asr import asr_cer, cer_by
 from stepaudio_jax.export.score import load_lm
 from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.trainer import train
@@ -55,3 +56,33 @@ def test_asr_cer_is_greedy_decoding_scored_by_edit_distance(tmp_path):
     assert result.examples[i] == (ref, hyp)
     edits, chars = edits + _edits(ref, hyp), chars + len(ref)
   np.testing.assert_allclose(result.cer, edits / chars, rtol=1e-12)
+
+
+REFS = ["three plus four is seven.", "the ball is yellow.", "一加一等于二。", "five is five.",
+        "二加二等于四。", "red box."]
+HYPS = ["three plus for is seven", "the ball is yelow.", "一加二等于二。", "", "二加二等四。",
+        "red box."]
+META = [{"language": "english", "voice": "seen"}, {"language": "english", "voice": "unseen"},
+        {"language": "mandarin", "voice": "unseen"}, {"language": "english", "voice": "seen"},
+        {"language": "mandarin", "voice": "unseen"}, {"language": "english", "voice": "unseen"}]
+
+
+def test_cer_by_group_is_jiwer_per_language_and_voice():
+  want = {}
+  for name in ("english/seen", "english/unseen", "mandarin/unseen"):
+    lang, voice = name.split("/")
+    kept = [i for i, m in enumerate(META) if (m["language"], m["voice"]) == (lang, voice)]
+    want[name] = jiwer.cer([REFS[i] for i in kept], [HYPS[i] for i in kept])
+  got = cer_by(REFS, HYPS, META, ("language", "voice"))
+  assert list(got) == sorted(want)
+  for name, cer in want.items():
+    assert got[name] == pytest.approx(cer, rel=1e-12), name
+  by_language = cer_by(REFS, HYPS, META, ("language",))
+  assert by_language["mandarin"] == pytest.approx(jiwer.cer([REFS[2], REFS[4]], [HYPS[2], HYPS[4]]))
+
+
+def test_cer_by_group_is_empty_without_voices():
+  """Records without metadata["voice"] (the committed corpus) have no groups, only languages."""
+  meta = [{"language": m["language"]} for m in META]
+  assert cer_by(REFS, HYPS, meta, ("language", "voice")) == {}
+  assert list(cer_by(REFS, HYPS, meta, ("language",))) == ["english", "mandarin"]

@@ -1,14 +1,18 @@
-"""The built-in k-means tokenizer: Step-Audio's frame rates, code ranges, safetensors round trip."""
+"""The built-in k-means tokenizer: Step-Audio's frame rates, code ranges, safetensors round trip;
+load_tokenizer's specs: a file by its kind, kmeans:PATH, module:function, a missing file."""
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from data_pipelines import audio, features
 from data_pipelines.kmeans_tokenizer import LINGUISTIC, SEMANTIC, KMeansDualTokenizer, kmeans
-from data_pipelines.tokenizer import AudioTokenizer, load_tokenizer
+from data_pipelines.tokenizer import FILE_KINDS, AudioTokenizer, file_kind, load_tokenizer
+from tests.conftest import REPO
 
 SR = audio.SAMPLE_RATE
 
@@ -70,3 +74,65 @@ def test_front_end_resamples_downmixes_and_normalises():
   assert wave.dtype == np.float32 and wave.ndim == 1 and abs(len(wave) - SR) <= 1
   assert abs(np.abs(wave).max() - audio.PEAK) < 1e-6
   assert features.num_frames(len(wave), 60) == 17 and features.num_frames(len(wave), 40) == 25
+
+
+COMMITTED = os.path.join(REPO, "data_pipelines", "corpus", "audio_tokenizer.safetensors")
+
+
+class FakeTokenizer:
+  """A second file kind: every frame is code 1."""
+
+  linguistic_frame_ms, semantic_frame_ms, linguistic_codes, semantic_codes = 60, 40, 4, 4
+
+  @classmethod
+  def load(cls, path: str) -> "FakeTokenizer":
+    return cls()
+
+  def linguistic(self, wave16k):
+    return np.ones(features.num_frames(len(wave16k), 60), np.int32)
+
+  def semantic(self, wave16k):
+    return np.ones(features.num_frames(len(wave16k), 40), np.int32)
+
+
+def make_fake() -> FakeTokenizer:
+  return FakeTokenizer()
+
+
+def test_a_plain_path_without_a_kind_is_the_kmeans_file():
+  """The committed file's metadata name no kind: a plain path and kmeans:PATH load the same."""
+  assert file_kind(COMMITTED) == "kmeans"
+  plain, prefixed = load_tokenizer(COMMITTED), load_tokenizer(f"kmeans:{COMMITTED}")
+  assert isinstance(plain, KMeansDualTokenizer) and isinstance(plain, AudioTokenizer)
+  wave = audio.prepare(tone(0.6, 180, 3), SR)
+  np.testing.assert_array_equal(plain.linguistic(wave), prefixed.linguistic(wave))
+  np.testing.assert_array_equal(plain.semantic(wave), prefixed.semantic(wave))
+
+
+def test_a_file_dispatches_on_its_kind(tmp_path, monkeypatch):
+  """A kind is one FILE_KINDS entry; a kind without one is refused, naming the known kinds."""
+  path = str(tmp_path / "fake.safetensors")
+  save_file({"x": np.zeros(1, np.float32)}, path, metadata={"kind": "fake"})
+  with pytest.raises(ValueError, match=r"kind 'fake'; known kinds: \['kmeans'\]"):
+    load_tokenizer(path)
+  monkeypatch.setitem(FILE_KINDS, "fake", f"{__name__}:FakeTokenizer")
+  assert isinstance(load_tokenizer(path), FakeTokenizer)
+
+
+def test_module_function_spec():
+  assert isinstance(load_tokenizer(f"{__name__}:make_fake"), FakeTokenizer)
+
+
+@pytest.mark.parametrize("spec", ["{d}/absent.safetensors", "kmeans:{d}/absent.safetensors"])
+def test_a_missing_file_is_one_line_naming_it(tmp_path, spec):
+  spec = spec.format(d=tmp_path)
+  with pytest.raises(FileNotFoundError) as e:
+    load_tokenizer(spec)
+  assert str(e.value) == f"audio tokenizer file {tmp_path}/absent.safetensors does not exist"
+
+
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
+  path = tmp_path / "bad.safetensors"
+  path.write_text("not a tensor file")
+  with pytest.raises(ValueError, match="is not a safetensors file"):
+    load_tokenizer(str(path))

@@ -151,7 +151,7 @@ def test_the_readme_phases_run_in_order(tmp_path):
   phases = [w for w in readme_commands() if not is_fast(w) and not is_skipped(w)]
   assert [w[1] for w in phases] == ["train", "train", "train", "train", "train", "export",
                                     "export", "generate", "train", "train", "synthesize",
-                                    "report", "compile"], phases
+                                    "train", "report", "transcribe", "report", "compile"], phases
   for words in phases:
     run(words, runs, tiny(words))
   assert os.path.getsize(os.path.join(runs, "demo.wav")) > 44

@@ -122,6 +122,9 @@ class DataConfig:
   workers: int = 0  # grain mp_prefetch worker processes per JAX process (0 = in-process)
   # sentencepiece model; "" = byte-level fallback tokenizer
   tokenizer_model: str = input_path(default="")
+  # The AudioTokenizer file that made the shards' codes (data_pipelines/tokenizer.py
+  # load_tokenizer); what `stepaudio transcribe` and voice prompts code new audio with.
+  audio_tokenizer: str = input_path(default="")
   asr_prompt: str = "Transcribe the speech."  # ASR system prompt
   # TTS system prompt; {speaker} comes from the example's metadata
   tts_prompt: str = "Speaker {speaker}; tags: emotion, language, dialect, style, speed."

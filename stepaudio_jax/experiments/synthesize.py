@@ -3,8 +3,9 @@
   1. TTS LM (a `task: sft` run on TTS records): the prompt is the SFT TTS format up to the
      target audio (data/templates.py renders it from a record with empty target audio), with
      the leading "(tag)(tag)" instruction of the text as the record's instruction and, with a
-     voice prompt, its transcript and codes as the first exchange; the sampler
-     (inference/sampler.py) continues until <|EOT|>.
+     voice prompt, its transcript and codes (by the LM run's data.audio_tokenizer, else the
+     committed corpus's) as the first exchange; the sampler (inference/sampler.py) continues
+     until <|EOT|>.
   2. Its audio ids minus the linguistic offset are the one-stream codes (linguistic 0..1023,
      semantic 1024..5119); they are regrouped 2:3 in order (a stray id out of pattern only
      shortens the stream).
@@ -25,8 +26,8 @@ from scipy.io import wavfile
 from scipy.signal import resample_poly
 
 from data_pipelines import audio
-from data_pipelines.kmeans_tokenizer import KMeansDualTokenizer
 from data_pipelines.speak import LANGUAGE_TAGS, SPEEDS
+from data_pipelines.tokenizer import load_tokenizer
 from stepaudio_jax.audio.codes import interleave_codes
 from stepaudio_jax.config import RunConfig
 from stepaudio_jax.config.model import TokenLayout
@@ -41,6 +42,8 @@ from stepaudio_jax.inference.speech import SpeechDecoder, SynthesisError
 from stepaudio_jax.tasks.registry import load_config
 from stepaudio_jax.training.checkpoint import restore_deliverable
 
+# The committed corpus's audio tokenizer: voice prompts of an LM run whose config names none
+# (data.audio_tokenizer) are coded with it.
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "data_pipelines", "corpus",
                          "audio_tokenizer.safetensors")
 _TAGS = re.compile(r"^\s*((?:\([^()]*\)\s*)*)(.*)$", re.DOTALL)
@@ -167,7 +170,7 @@ def synthesize(lm_run: str, flow_run: str, vocoder_run: str, text: str, out: str
   prompt_codes, wave22 = None, None
   if prompt_wav:
     wave22 = resample(prompt_x, prompt_sr, sr)
-    tok = KMeansDualTokenizer.load(TOKENIZER)
+    tok = load_tokenizer(run_cfg.data.audio_tokenizer or TOKENIZER)
     w16 = audio.prepare(wave22, sr)
     pl, ps = tok.linguistic(w16), tok.semantic(w16)
     prompt_codes = interleave_codes(pl, ps)
