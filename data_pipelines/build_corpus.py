@@ -54,16 +54,34 @@ class Job:
   waves: list[np.ndarray] = dataclasses.field(default_factory=list)  # 16 kHz, filled later
 
 
+def sentence_pools(world: grammar.World, language: str, split: str
+                   ) -> tuple[list[grammar.Sentence], list[grammar.Sentence]]:
+  """(statements, questions) a split may use: held-out arithmetic for eval only."""
+  pools = []
+  for question in (False, True):
+    pools.append([s for s in grammar.all_sentences(world, language, question)
+                  if s.topic != "arithmetic" or grammar.held_out(s) == (split == "eval")])
+  return pools[0], pools[1]
+
+
 def plan_jobs(world: grammar.World, rng: random.Random) -> list[Job]:
-  """Decide every audio example: sentences, speaker and speed, round-robin over voices."""
+  """Decide every audio example: sentences, speaker and speed.
+
+  Per task and language, every tenth example is an eval one spoken by a training voice, and as
+  many again are eval examples spoken by the language's unseen voice; training examples cycle
+  through the training voices. Eval examples draw arithmetic only from the held-out facts,
+  training examples never do.
+  """
   jobs = []
   for task, per_lang in PLAN.items():
     for lang, n in per_lang.items():
-      statements = grammar.all_sentences(world, lang, question=False)
-      questions = grammar.all_sentences(world, lang, question=True)
-      world_qs = [q for q in questions if q.topic != "arithmetic"]
       voices, speeds = speak.VOICES[lang], list(speak.SPEEDS)
-      for i in range(n):
+      every = round(1 / EVAL_FRACTION)
+      pools = {split: sentence_pools(world, lang, split) for split in ("train", "eval")}
+      for i in range(n + n // every):
+        split = "eval" if i >= n or i % every == 0 else "train"
+        statements, questions = pools[split]
+        world_qs = [q for q in questions if q.topic != "arithmetic"]
         if task == "aqta":  # world questions are few: ask them often so they are learnt
           chunks = [[rng.choice(world_qs if rng.random() < 0.4 else questions)]]
         elif task == "asr":
@@ -77,8 +95,9 @@ def plan_jobs(world: grammar.World, rng: random.Random) -> list[Job]:
         # TTS cycles speeds evenly so every speed tag has audio; other tasks are mostly normal.
         speed = speeds[i % len(speeds)] if task == "tts" else (
             rng.choice(speeds) if rng.random() < 0.3 else "normal")
-        split = "eval" if i % round(1 / EVAL_FRACTION) == 0 else "train"
-        jobs.append(Job(task, split, lang, chunks, voices[i % len(voices)], speed))
+        voice = (speak.UNSEEN_VOICES[lang] if i >= n else
+                 voices[(i // every) % len(voices)] if split == "eval" else voices[i % len(voices)])
+        jobs.append(Job(task, split, lang, chunks, voice, speed))
   return jobs
 
 
@@ -92,45 +111,69 @@ def synthesise(jobs: list[Job], workers: int) -> None:
       job.waves = waves
 
 
+def text_split(i: int) -> str:
+  """Every tenth text document (and caption) is an eval one."""
+  return "eval" if i % round(1 / EVAL_FRACTION) == 0 else "train"
+
+
 def text_lines(world: grammar.World, rng: random.Random) -> list[str]:
   """Text-only documents: paragraphs of statements and question-answer lines."""
   lines = []
+  pools = {(lang, split): sentence_pools(world, lang, split)
+           for lang in grammar.LANGUAGES for split in ("train", "eval")}
   for i in range(TEXT_EXAMPLES):
     lang = grammar.LANGUAGES[i % 3]
+    statements, questions = pools[lang, text_split(i)]
     if i % 2:
-      pool = grammar.all_sentences(world, lang, question=False)
-      lines.append(grammar.join(grammar.paragraph(rng, pool, rng.randint(2, 6))))
+      lines.append(grammar.join(grammar.paragraph(rng, statements, rng.randint(2, 6))))
     else:
-      q = rng.choice(grammar.all_sentences(world, lang, question=True))
+      q = rng.choice(questions)
       lines.append(f"{q.text} {q.answer}")
   return lines
 
 
-def audio_example(job: Job, tok: KMeansDualTokenizer, spm: text_tokenizer.TextTokenizer
-                  ) -> records.Example:
-  """Turn a synthesised job into the record its task expects."""
+def audio_examples(job: Job, tok: KMeansDualTokenizer, spm: text_tokenizer.TextTokenizer
+                   ) -> list[tuple[str, records.Example]]:
+  """The (task directory, record) pairs a synthesised job gives: the record its task expects,
+  and for a training job an ASR record of each chunk that is one sentence (TTS utterances, AQTA
+  questions, interleaved chunks), so every transcribed utterance also teaches listening."""
   empty = np.zeros(0, np.int32)
   ling = [tok.linguistic(w) for w in job.waves]
   sem = [tok.semantic(w) for w in job.waves]
   texts = [grammar.join(c) for c in job.chunks]
-  meta: dict[str, str | int | float] = {
-      "language": job.language, "speaker": job.voice.name, "speed": job.speed,
-      "speed_wpm": speak.SPEEDS[job.speed], "split": job.split, "source": "espeak-ng",
-      "duration_s": round(sum(len(w) for w in job.waves) / audio.SAMPLE_RATE, 3),
-      "transcript": grammar.join([s for c in job.chunks for s in c])}
+  voice = "unseen" if job.voice in speak.UNSEEN_VOICES.values() else "seen"
+
+  def metadata(chunks: list[list[grammar.Sentence]], waves: list[np.ndarray]) -> dict:
+    return {"language": job.language, "speaker": job.voice.name, "voice": voice,
+            "speed": job.speed, "speed_wpm": speak.SPEEDS[job.speed], "split": job.split,
+            "source": "espeak-ng",
+            "duration_s": round(sum(len(w) for w in waves) / audio.SAMPLE_RATE, 3),
+            "transcript": grammar.join([s for c in chunks for s in c]),
+            "spoken": " ".join(grammar.join(c, spoken=True) for c in chunks)}
+
+  meta = metadata(job.chunks, job.waves)
   if job.task == "aqta":
     q = job.chunks[0][0]
     meta.update(kind="aqta", chunk_roles="question,answer", question=q.text, answer=q.answer,
                 topic=q.topic, **{k: v for k, v in q.facts})
     # Chunk 0: the spoken question (no text); chunk 1: the text answer (no audio).
-    return records.Example("audio_text_interleaved", [empty, spm.encode(q.answer)],
+    main = records.Example("audio_text_interleaved", [empty, spm.encode(q.answer)],
                            [ling[0], empty], [sem[0], empty], None, meta)
-  if job.task == "tts":
-    tags = [speak.LANGUAGE_TAGS[job.language]] + ([job.speed] if job.speed != "normal" else [])
-    meta.update(dialect=job.language, instruction="".join(f"({t})" for t in tags))
-  if job.task == "audio_continuation":
-    return records.Example(job.task, [empty], ling, sem, None, meta)
-  return records.Example(job.task, [spm.encode(t) for t in texts], ling, sem, None, meta)
+  elif job.task == "audio_continuation":
+    main = records.Example(job.task, [empty], ling, sem, None, meta)
+  else:
+    if job.task == "tts":
+      tags = [speak.LANGUAGE_TAGS[job.language]] + ([job.speed] if job.speed != "normal" else [])
+      meta.update(dialect=job.language, instruction="".join(f"({t})" for t in tags))
+    main = records.Example(job.task, [spm.encode(t) for t in texts], ling, sem, None, meta)
+  out = [(job.task, main)]
+  if job.split == "train" and job.task in ("tts", "aqta", "audio_text_interleaved"):
+    for chunk, wave, l, s in zip(job.chunks, job.waves, ling, sem):
+      if len(chunk) == 1:
+        m = {**metadata([chunk], [wave]), "from_task": job.task}
+        out.append(("asr", records.Example("asr", [spm.encode(chunk[0].text)], [l], [s],
+                                           None, m)))
+  return out
 
 
 def write_task(out: str, task_dir: str, examples: list[records.Example], shards: int
@@ -159,7 +202,10 @@ def build(out: str, seed: int, linguistic_codes: int, semantic_codes: int, worke
   image_items = [images.sample(rng) for _ in range(IMAGE_EXAMPLES)]
   captions = [images.caption(it, "english" if i % 2 == 0 else "mandarin")
               for i, it in enumerate(image_items)]
-  spm_lines = docs + captions + [grammar.join(c) for j in jobs for c in j.chunks]
+  # Trained on the training splits only, so an eval sentence's pieces are not fitted to it.
+  spm_lines = ([d for i, d in enumerate(docs) if text_split(i) == "train"]
+               + [c for i, c in enumerate(captions) if text_split(i) == "train"]
+               + [grammar.join(c) for j in jobs if j.split == "train" for c in j.chunks])
   text_tokenizer.train(spm_lines, os.path.join(out, SPM_FILE), TEXT_VOCAB)
   spm = text_tokenizer.TextTokenizer(os.path.join(out, SPM_FILE))
   t_text = time.time()
@@ -175,16 +221,17 @@ def build(out: str, seed: int, linguistic_codes: int, semantic_codes: int, worke
 
   by_task: dict[str, list[records.Example]] = collections.defaultdict(list)
   for job in jobs:
-    by_task[job.task].append(audio_example(job, tok, spm))
+    for task_dir, example in audio_examples(job, tok, spm):
+      by_task[task_dir].append(example)
   empty = np.zeros(0, np.int32)
   for i, line in enumerate(docs):
     by_task["text"].append(records.Example("text", [spm.encode(line)], [empty], [empty], None, {
-        "language": grammar.LANGUAGES[i % 3], "split": "eval" if i % 10 == 0 else "train"}))
+        "language": grammar.LANGUAGES[i % 3], "split": text_split(i)}))
   for i, (items, cap) in enumerate(zip(image_items, captions)):
     by_task["image_text"].append(records.Example(
         "image_text", [spm.encode(cap)], [empty], [empty], images.draw(items, IMAGE_SIZE),
         {"caption": cap, "language": "english" if i % 2 == 0 else "mandarin",
-         "split": "eval" if i % 10 == 0 else "train"}))
+         "split": text_split(i)}))
   files = {}
   for task, exs in sorted(by_task.items()):
     files.update(write_task(out, task, exs, shards=2))
@@ -193,7 +240,8 @@ def build(out: str, seed: int, linguistic_codes: int, semantic_codes: int, worke
   stats: dict[str, dict] = {}
   for task, exs in sorted(by_task.items()):
     s = stats[task] = {"examples": len(exs), "record_task": exs[0].task}
-    for key in ("split", "language", "speed", "instruction", "speaker", "topic"):
+    for key in ("split", "language", "voice", "speed", "instruction", "speaker", "topic",
+                "from_task"):
       c = collections.Counter(str(e.metadata[key]) for e in exs if key in e.metadata)
       if c:
         s[key] = dict(sorted(c.items()))

@@ -10,6 +10,7 @@ sentences are spoken from the characters themselves.
 
 import dataclasses
 import random
+import zlib
 
 LANGUAGES = ("english", "mandarin", "cantonese")
 
@@ -145,6 +146,16 @@ def all_sentences(world: World, language: str, question: bool) -> list[Sentence]
     out.append(colour_of(world, obj, language, question))
     out.append(owner_of(world, obj, language, question))
   return out
+
+
+def held_out(sentence: Sentence) -> bool:
+  """Whether a sentence belongs to no training split: a tenth of the arithmetic facts (by a hash
+  of op and operands, so the same facts in every language, statement and question alike); the
+  twenty world facts are few enough that every split needs them."""
+  if sentence.topic != "arithmetic":
+    return False
+  f = dict(sentence.facts)
+  return zlib.crc32(f"{f['op']} {f['a']} {f['b']}".encode()) % 10 == 0
 
 
 def paragraph(rng: random.Random, pool: list[Sentence], n: int) -> list[Sentence]:

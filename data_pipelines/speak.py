@@ -41,6 +41,11 @@ VOICES = {
                  Voice("cmn-latn-pinyin", "m1", 35), Voice("cmn-latn-pinyin", "f2", 60)),
     "cantonese": (Voice("yue", "m3", 45), Voice("yue", "f3", 65), Voice("yue", "f4", 55)),
 }
+# One more speaker per language that speaks only eval examples, so that "held out" means an
+# unseen voice as well as an unseen sentence.
+UNSEEN_VOICES = {"english": Voice("en-us-nyc", "m5", 52),
+                 "mandarin": Voice("cmn-latn-pinyin", "m5", 50),
+                 "cantonese": Voice("yue", "m1", 40)}
 
 
 def available() -> bool:

@@ -33,15 +33,17 @@ def _loader(cfg) -> GrainLoader:
 
 
 def _assert_delivered(stages: list[dict], first_steps: list[int]) -> None:
-  """Every configured share within 2% (relative) in every stage, in the independent count and
-  in the loader's own `share/<task>` stats, which must agree with it."""
+  """Every configured share within 3% (relative) in every stage, in the independent count and
+  in the loader's own `share/<task>` stats, which must agree with it. 3% because segments are
+  whole records: an interleaved record (~280 tokens) is 2% of corpus stage 1's interleaved
+  tokens."""
   assert [s["first_step"] for s in stages] == first_steps
   for s in stages:
     got = shares.share_of(s["counts"])
     want = s["target"]
     assert {t for t in TASKS if got[t]} == {t for t in TASKS if want[t]}, (s["stage"], got)
     errors = {t: got[t] / want[t] - 1 for t in TASKS if want[t]}
-    assert max(map(abs, errors.values())) < 0.02, (s["stage"], errors)
+    assert max(map(abs, errors.values())) < 0.03, (s["stage"], errors)
     np.testing.assert_allclose([s["loader"][t] for t in TASKS], [got[t] for t in TASKS],
                                atol=1e-12)
 
@@ -73,20 +75,20 @@ def test_130b_recipe_delivers_the_reports_shares():
 
 def test_one_image_per_row_caps_the_130b_image_share_and_says_so():
   with pytest.raises(ConfigError, match=r"max_images_per_sequence=1 per train.seq_len=4096 row "
-                                        r"\(image segments average 277 tokens\) images get only "
-                                        r"stage 1 \(data.stages\[0\]\) 0.068 of its 0.250.* set "
-                                        r"vision.max_images_per_sequence=5 "):
+                                        r"\(image segments average 287 tokens\) images get only "
+                                        r"stage 1 \(data.stages\[0\]\) 0.070 of its 0.250.* set "
+                                        r"vision.max_images_per_sequence=4 "):
     _loader(_recipe_130b("vision.max_images_per_sequence=1"))
 
 
 def test_an_unreachable_share_stops_before_training_or_is_accepted_and_reported(caplog):
   cfg = load_config(os.path.join(REPO, "configs", "corpus.yaml"),
                     ["vision.max_images_per_sequence=1"])
-  with pytest.raises(ConfigError, match=r"images get only stage 1 \(data.stages\[0\]\) 0.082 of "
-                                        r"its 0.250, .*stage 3 \(data.stages\[2\]\) 0.100 of its "
+  with pytest.raises(ConfigError, match=r"images get only stage 1 \(data.stages\[0\]\) 0.101 of "
+                                        r"its 0.250, .*stage 3 \(data.stages\[2\]\) 0.129 of its "
                                         r"0.300 share of the tokens \(predicted shares, .*\)\. "
                                         r"To deliver them, set "
-                                        r"vision.max_images_per_sequence=4 or lower the image "
+                                        r"vision.max_images_per_sequence=3 or lower the image "
                                         r"weights; to train with the predicted shares, set "
                                         r"data.accept_share_shortfall=true"):
     _loader(cfg)
@@ -104,11 +106,11 @@ def test_an_unreachable_share_stops_before_training_or_is_accepted_and_reported(
       if step == 30:  # under 4 x pack_lookahead rows into the stage: not reported yet
         assert not caplog.text
   stats = loader.stats()
-  # What the check predicted (0.082) is what the batches hold; the stats and the log say so.
-  assert abs(shares.share_of(counts)["image_text"] - 0.082) < 0.005
-  assert stats["target/image_text"] == 0.25 and stats["share_drift"] > 0.15
+  # What the check predicted (0.101) is what the batches hold; the stats and the log say so.
+  assert abs(shares.share_of(counts)["image_text"] - 0.101) < 0.005
+  assert stats["target/image_text"] == 0.25 and stats["share_drift"] > 0.14
   assert caplog.text.count("data: stage 1 delivers") == 1
-  assert "image_text 0.0" in caplog.text and "(target 0.250)" in caplog.text
+  assert "image_text 0.1" in caplog.text and "(target 0.250)" in caplog.text
 
 
 @pytest.mark.parametrize("lookahead", [2, 8])
@@ -139,7 +141,7 @@ def test_a_new_stage_carries_at_most_pack_lookahead_old_segments_per_row(lookahe
 @pytest.mark.parametrize("workers,epoch", [(0, 59), (2, 60)])
 def test_steps_for_epochs_is_when_every_sft_record_has_been_trained_on(workers, epoch,
                                                                        monkeypatch):
-  """An AQTA-only SFT stage on the committed corpus (468 dialogues, 74,807 tokens rendered):
+  """An AQTA-only SFT stage on the committed corpus (468 dialogues, 74,951 tokens rendered):
   1 epoch is the first step whose batches (searched segment by segment) hold every dialogue,
   with Grain workers too (each reads its own slice of the records)."""
   cfg = load_config(os.path.join(REPO, "configs", "corpus.yaml"), [
@@ -149,11 +151,12 @@ def test_steps_for_epochs_is_when_every_sft_record_has_been_trained_on(workers, 
                                                                cfg.tokens))
   source = RecordSource(resolve_shards(SHARDS["aqta"]))
   segs = [render(decode_checked(source[i][1], cfg.tokens, ""), ctx) for i in range(len(source))]
-  assert len(segs) == 468 and sum(map(len, segs)) == 74807
-  copies = collections.Counter(s.tokens.tobytes() for s in segs)  # 433 distinct dialogues
+  assert len(segs) == 468 and sum(map(len, segs)) == 74951
+  # 442 distinct dialogues; the one longer than a row (263 tokens) is packed cut to the row.
+  copies = collections.Counter(s.tokens[:cfg.train.seq_len].tobytes() for s in segs)
   loader = _loader(cfg)
   epochs = [loader.steps_for_epochs(e) for e in (0.5, 1, 2)]
-  # Tokens alone would say ceil(74,807 / 2,048) = 37 steps, which hold about 300 of them: a
+  # Tokens alone would say ceil(74,951 / 2,048) = 37 steps, which hold about 300 of them: a
   # dialogue of ~160 tokens leaves no room for a second in a 256-token row (36% padding).
   assert epochs[1] == epoch
   seen = collections.Counter()

@@ -32,7 +32,7 @@ SKIPPED = {
     "stepaudio sweep configs/ablations/codebooks.sweep.yaml":
         "9 runs of 240 steps; tests/test_sweep.py runs and resumes a 2-variant sweep",
     "stepaudio report runs/ablations/codebooks/* --out runs/ablations/codebooks-report "
-    "--asr-clips 52": "reads the 9 runs of that sweep; tests/test_report.py checks the report",
+    "--asr-clips 104": "reads the 9 runs of that sweep; tests/test_report.py checks the report",
     "stepaudio compile configs/step_omni_130b_v5p.yaml --topology v5p:8x8x8":
         "the 130B step, minutes per compile; tests/test_compile.py pins its shardings",
 }

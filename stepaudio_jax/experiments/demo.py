@@ -26,8 +26,8 @@ STEPAUDIO = [sys.executable, "-m", "stepaudio_jax.cli"]
 PROMPT = "three plus four is"
 SPEECH = "(English) three plus four is seven."
 ASR_STEPS = 150  # the demo's short budget of configs/asr/corpus.yaml (the recipe has 2000)
-ASR_CLIPS = 52  # every held-out ASR clip of the corpus
-CLIP = "tests/data/asr_english.wav"  # "the ball is yellow.", a held-out English utterance
+ASR_CLIPS = 104  # every held-out ASR clip of the corpus (52 training voices, 52 unseen)
+CLIP = "tests/data/asr_english.wav"  # "the ball is yellow.", an English corpus sentence
 
 
 def _phases(out: str, fast: bool) -> list[tuple[str, list[str], str | None]]:

@@ -1,6 +1,6 @@
 """Write the golden per-step metrics that tests/test_golden.py compares with.
 
-The goldens here were written at commit dc4cb41 by:
+Written by (corpus_50_steps.json again whenever data_pipelines/corpus is rebuilt):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
       python tests/golden/record.py
 """
