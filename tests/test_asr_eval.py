@@ -82,7 +82,8 @@ def test_cer_by_group_is_jiwer_per_language_and_voice():
 
 
 def test_cer_by_group_is_empty_without_voices():
-  """Records without metadata["voice"] (the committed corpus) have no groups, only languages."""
+  """Records without metadata["voice"] (shards built without voice tags) have no groups, only
+  languages."""
   meta = [{"language": m["language"]} for m in META]
   assert cer_by(REFS, HYPS, meta, ("language", "voice")) == {}
   assert list(cer_by(REFS, HYPS, meta, ("language",))) == ["english", "mandarin"]
